@@ -1,0 +1,28 @@
+"""Context-parallel load balancers: plan one gather index per rank, then shard every input."""
+
+from .base import RingAttentionLoadBalancer
+from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
+from .plan import PAD, ShardPlan, unshard
+from .types import (
+    RingAttentionLoadBalancerType,
+    RingContextParallelStyle,
+    UlyssesContextParallelStyle,
+)
+from .ulysses import UlyssesLoadBalancer
+from .validation import ShardingError
+from .zig_zag import RingAttentionZigZagLoadBalancer
+
+__all__ = [
+    "PAD",
+    "RingAttentionLlama3LoadBalancer",
+    "RingAttentionLoadBalancer",
+    "RingAttentionLoadBalancerType",
+    "RingAttentionZigZagLoadBalancer",
+    "RingContextParallelStyle",
+    "ShardPlan",
+    "ShardingError",
+    "UlyssesContextParallelStyle",
+    "UlyssesLoadBalancer",
+    "llama3_cu_seqlens",
+    "unshard",
+]

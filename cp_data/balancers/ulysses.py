@@ -1,0 +1,52 @@
+"""Ulysses sharding: contiguous chunks; attention sees the whole sequence after an all-to-all."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import RingAttentionLoadBalancer
+from .plan import ShardPlan, contiguous_index, pad_to_multiple
+from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
+
+
+class UlyssesLoadBalancer(RingAttentionLoadBalancer):
+    """Contiguous sequence sharding for Ulysses-style context parallelism.
+
+    Rank r keeps the r-th of W contiguous chunks. The all-to-all rebuilds full sequences before
+    attention, so the global ``cu_doc_lens`` is passed through (plus the padding document).
+    """
+
+    def plan(
+        self,
+        seq_len: int,
+        cu_doc_lens: torch.Tensor | None = None,
+        *,
+        length_multiple: int | None = None,
+    ) -> ShardPlan:
+        multiple = (
+            check_length_multiple(length_multiple, self.cp_world_size, "CP degree")
+            or self.cp_world_size
+        )
+        cu = None if cu_doc_lens is None else check_cu_doc_lens(cu_doc_lens, seq_len)
+        padded_len = round_up(seq_len, multiple)
+        index = contiguous_index(seq_len, padded_len, self.cp_rank, self.cp_world_size)
+        if cu is None:
+            return ShardPlan(index, seq_len, self.cp_rank, self.cp_world_size)
+        if padded_len != seq_len:
+            cu = np.append(cu, padded_len)
+        metadata = dict(
+            cu_doc_lens=metadata_tensor(cu, cu_doc_lens),
+            max_doc_len=int(np.diff(cu).max()) if len(cu) > 1 else 0,
+        )
+        return ShardPlan(index, seq_len, self.cp_rank, self.cp_world_size, metadata)
+
+    def pad(
+        self,
+        x: torch.Tensor,
+        seq_dim: int,
+        value: int | float,
+        length_multiple: int | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Pad ``x`` at the end of ``seq_dim`` to a multiple of ``length_multiple`` (default W)."""
+        return pad_to_multiple(x, seq_dim, value, length_multiple or self.cp_world_size)

@@ -1,0 +1,104 @@
+"""Input checks shared by the balancers; every failure names the offending value."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class ShardingError(ValueError, RuntimeError):
+    """Bad input to a balancer or shard plan.
+
+    It is both a ``ValueError`` (what cp-data promises) and a ``RuntimeError`` (what code written
+    against the upstream OLMo-core module catches), so either ``except`` clause works.
+    """
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= value``."""
+    return -(-value // multiple) * multiple
+
+
+def normalize_dim(dim: int, ndim: int, what: str = "seq_dim") -> int:
+    """Resolve a possibly negative dimension as torch does, raising for one out of range."""
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
+        raise ShardingError(f"{what} must be an int, got {dim!r}")
+    if not -ndim <= dim < ndim:
+        raise ShardingError(f"{what}={dim} is out of range for a tensor with {ndim} dimensions")
+    return int(dim) % ndim
+
+
+def _preview(values: np.ndarray, limit: int = 12) -> str:
+    items = values.tolist()
+    return str(items) if len(items) <= limit else f"{items[:limit]}... ({len(items)} values)"
+
+
+def check_inputs(
+    inputs: Sequence[torch.Tensor],
+    seq_dims: Sequence[int],
+    pad_values: Sequence[int | float | None] | None,
+) -> tuple[int | None, list[int]]:
+    """Check the shapes of a batch of inputs; return their common sequence length and dims.
+
+    The length is ``None`` when there are no inputs.
+    """
+    if len(seq_dims) != len(inputs):
+        raise ShardingError(f"got {len(inputs)} inputs but {len(seq_dims)} seq_dims")
+    if pad_values is not None and len(pad_values) != len(inputs):
+        raise ShardingError(f"got {len(inputs)} inputs but {len(pad_values)} pad_values")
+    dims, lengths = [], []
+    for i, (x, seq_dim) in enumerate(zip(inputs, seq_dims)):
+        if not isinstance(x, torch.Tensor):
+            raise ShardingError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        dim = normalize_dim(seq_dim, x.ndim, what=f"seq_dims[{i}]")
+        dims.append(dim)
+        lengths.append(x.shape[dim])
+    if len(set(lengths)) > 1:
+        raise ShardingError(f"inputs have different sequence lengths {lengths} on their seq_dims")
+    return (lengths[0] if lengths else None), dims
+
+
+def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> np.ndarray:
+    """Validate cumulative document lengths; return them as an int64 numpy array."""
+    if not isinstance(cu_doc_lens, torch.Tensor):
+        raise ShardingError(f"cu_doc_lens must be a torch.Tensor, got {type(cu_doc_lens).__name__}")
+    if cu_doc_lens.ndim != 1:
+        raise ShardingError(f"cu_doc_lens must be 1-D, got shape {tuple(cu_doc_lens.shape)}")
+    if cu_doc_lens.device.type != "cpu":
+        raise ShardingError(f"cu_doc_lens must be on CPU, got device {cu_doc_lens.device}")
+    if cu_doc_lens.dtype.is_floating_point or cu_doc_lens.dtype.is_complex or cu_doc_lens.dtype == torch.bool:
+        raise ShardingError(f"cu_doc_lens must have an integer dtype, got {cu_doc_lens.dtype}")
+    if cu_doc_lens.numel() == 0:
+        raise ShardingError("cu_doc_lens is empty; it must start with 0")
+    cu = cu_doc_lens.numpy().astype(np.int64, copy=False)
+    if cu[0] != 0:
+        raise ShardingError(f"cu_doc_lens must start with 0, got {_preview(cu)}")
+    if len(cu) > 1 and (np.diff(cu) < 0).any():
+        raise ShardingError(f"cu_doc_lens must be non-decreasing, got {_preview(cu)}")
+    if seq_len is not None and cu[-1] != seq_len:
+        raise ShardingError(
+            f"cu_doc_lens ends at {int(cu[-1])} but the inputs have sequence length {seq_len}"
+        )
+    return cu
+
+
+def check_length_multiple(length_multiple: int | None, divisor: int = 1, what: str = "") -> int | None:
+    """Check ``length_multiple`` is a positive int divisible by ``divisor`` (``None`` passes)."""
+    if length_multiple is None:
+        return None
+    if isinstance(length_multiple, bool) or not isinstance(length_multiple, (int, np.integer)):
+        raise ShardingError(f"length_multiple must be an int, got {length_multiple!r}")
+    if length_multiple < 1:
+        raise ShardingError(f"length_multiple must be >= 1, got {length_multiple}")
+    if length_multiple % divisor:
+        raise ShardingError(
+            f"length_multiple ({length_multiple}) must be divisible by {what} ({divisor})"
+        )
+    return int(length_multiple)
+
+
+def metadata_tensor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A new metadata tensor (never a view of the input) with the dtype of ``cu_doc_lens``."""
+    return torch.from_numpy(np.array(values, dtype=np.int64)).to(like.dtype)
