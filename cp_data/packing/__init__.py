@@ -1,0 +1,14 @@
+"""Document packing as pure planning over document lengths (numpy, no tensors)."""
+
+from .bfd import best_fit_decreasing
+from .config import Packer, PackingConfig, plan_packing
+from .plan import PackingPlan, assemble_row
+
+__all__ = [
+    "PackingConfig",
+    "PackingPlan",
+    "Packer",
+    "assemble_row",
+    "best_fit_decreasing",
+    "plan_packing",
+]

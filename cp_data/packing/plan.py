@@ -1,0 +1,99 @@
+"""The result of packing: which piece of which document goes where, as flat numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["PackingPlan", "assemble_row"]
+
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """Rows of length ``seq_len`` made of document pieces, stored as flat arrays.
+
+    Row ``r`` holds pieces ``row_offsets[r]:row_offsets[r + 1]``, in order. A piece is the tokens
+    ``[start, start + length)`` of document ``doc``, followed by ``pad`` padding tokens that belong
+    to the same piece (the CP-aware budget rounds every piece up to ``cp_multiple``). Whatever a
+    row leaves free at its end is one trailing padding document.
+    """
+
+    seq_len: int
+    row_offsets: np.ndarray
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    pad: np.ndarray
+    num_docs: int = 0
+    empty_docs: int = 0
+    split_docs: int = 0
+    truncated_docs: int = 0
+    truncated_tokens: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Number of packed rows."""
+        return self.row_offsets.size - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Document tokens placed in the rows (padding excluded)."""
+        return int(self.length.sum())
+
+    def row_used(self) -> np.ndarray:
+        """Positions taken by pieces (tokens plus their padding) in every row, int64 [rows]."""
+        if not self.doc.size:
+            return np.zeros(self.num_rows, dtype=np.int64)
+        # every row holds at least one piece, so no reduceat segment is empty
+        return np.add.reduceat(self.length + self.pad, self.row_offsets[:-1])
+
+    def metrics(self) -> dict:
+        """Rows, fill rate, padding fraction and the per-document outcome counts."""
+        capacity = self.num_rows * self.seq_len
+        fill = self.num_tokens / capacity if capacity else 0.0
+        return {
+            "rows": self.num_rows,
+            "documents": self.num_docs,
+            "pieces": int(self.doc.size),
+            "tokens": self.num_tokens,
+            "fill_rate": fill,
+            "padding_fraction": 1.0 - fill if capacity else 0.0,
+            "docs_split": self.split_docs,
+            "docs_truncated": self.truncated_docs,
+            "tokens_truncated": self.truncated_tokens,
+            "empty_docs_skipped": self.empty_docs,
+        }
+
+
+def assemble_row(
+    plan: PackingPlan,
+    row: int,
+    tokens_of: Callable[[int, int, int], np.ndarray],
+    pad_token_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """Build packed row ``row`` (SPEC §3 instance as numpy arrays) in O(row length).
+
+    ``tokens_of(doc, start, length)`` returns that slice of a document's token ids.
+    """
+    if not 0 <= row < plan.num_rows:
+        raise IndexError(f"row {row} out of range for a plan of {plan.num_rows} rows")
+    a, b = int(plan.row_offsets[row]), int(plan.row_offsets[row + 1])
+    S = plan.seq_len
+    input_ids = np.full(S, pad_token_id, dtype=np.int64)
+    label_mask = np.zeros(S, dtype=bool)
+    lengths = plan.length[a:b]
+    doc_lens = lengths + plan.pad[a:b]
+    ends = np.cumsum(doc_lens)
+    begins = ends - doc_lens
+    # a row holds a handful of pieces; one slice copy each
+    for d, st, ln, pos in zip(
+        plan.doc[a:b].tolist(), plan.start[a:b].tolist(), lengths.tolist(), begins.tolist()
+    ):
+        input_ids[pos : pos + ln] = tokens_of(d, st, ln)
+        label_mask[pos : pos + ln] = True
+    used = int(ends[-1]) if ends.size else 0
+    if used < S:
+        doc_lens = np.append(doc_lens, S - used)
+    return {"input_ids": input_ids, "doc_lens": doc_lens.astype(np.int64), "label_mask": label_mask}
