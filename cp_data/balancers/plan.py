@@ -48,8 +48,13 @@ class ShardPlan:
 
     @property
     def num_padding(self) -> int:
-        """How many positions of the shard are padding."""
+        """How many positions of this rank's shard are padding."""
         return int(self._pad_positions.numel())
+
+    @property
+    def group_padding(self) -> int:
+        """How many padding positions the whole group adds (every rank holds ``local_len``)."""
+        return self.cp_world_size * self.local_len - self.seq_len
 
     def shard(
         self, x: torch.Tensor, seq_dim: int, pad_value: int | float | None = None, *, name: str = "input"
@@ -61,13 +66,14 @@ class ShardPlan:
                 f"{name} has size {x.shape[dim]} on seq_dim {seq_dim} but the plan was made for "
                 f"a sequence of length {self.seq_len}"
             )
+        # Checked for the whole group so that every rank fails alike, not only those holding padding.
+        if self.group_padding and pad_value is None:
+            raise ShardingError(
+                f"a sequence of length {self.seq_len} needs {self.group_padding} padding positions "
+                f"over {self.cp_world_size} ranks, but {name} has no pad value"
+            )
         if not self.num_padding:
             return x.index_select(dim, self.index)
-        if pad_value is None:
-            raise ShardingError(
-                f"a sequence of length {self.seq_len} needs {self.num_padding} padding positions "
-                f"on rank {self.cp_rank} of {self.cp_world_size}, but {name} has no pad value"
-            )
         if self.seq_len == 0:
             shape = list(x.shape)
             shape[dim] = self.local_len
