@@ -1,0 +1,251 @@
+"""The collate stage: B packed instances -> one context-parallel rank's training batch (SPEC §2-3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from .balancers import RingAttentionLoadBalancer, RingAttentionLoadBalancerType, ShardPlan
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+IGNORE_INDEX = -100
+"""Label of tokens that must not be predicted."""
+
+CONSUMED_KEYS = ("input_ids", "doc_lens", "label_mask")
+"""Instance keys the collator reads and does not pass on."""
+
+PRODUCED_KEYS = ("input_ids", "labels", "position_ids")
+"""Batch keys the collator always produces (the balancer's metadata keys join them)."""
+
+_METADATA_KEYS = (
+    "cu_doc_lens", "max_doc_len", "cu_doc_lens_q", "cu_doc_lens_k", "max_doc_len_q", "max_doc_len_k",
+    "local_k_slice",
+)
+
+
+class FullBatch(NamedTuple):
+    """The unsharded batch: what every rank of a CP group would hold together.
+
+    With document masking the tensors are the flattened row, shape [B*S], and ``cu_doc_lens``
+    (int32) its document boundaries; without, they are [B, S] and ``cu_doc_lens`` is ``None``.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_doc_lens: torch.Tensor | None
+    passthrough: dict[str, Any]
+
+
+def _check_tensor(value: Any, i: int, key: str, dtype: torch.dtype, length: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"instance {i}: {key!r} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ValueError(f"instance {i}: {key!r} must have dtype {dtype}, got {value.dtype}")
+    if value.ndim != 1:
+        raise ValueError(f"instance {i}: {key!r} must be 1-D, got shape {tuple(value.shape)}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"instance {i}: {key!r} has length {len(value)}, expected {length}")
+    return value
+
+
+def check_instances(
+    instances: Sequence[Mapping[str, Any]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, list[str]]:
+    """Validate packed instances (SPEC §3); return their input_ids, doc_lens, label_masks, other keys.
+
+    Raises ``ValueError`` naming the instance index and key for anything malformed.
+    """
+    if isinstance(instances, Mapping) or not isinstance(instances, Sequence):
+        raise ValueError(f"expected a list of packed instances, got {type(instances).__name__}")
+    if not instances:
+        raise ValueError("empty batch: the collator needs at least one instance")
+    first = instances[0]
+    if not isinstance(first, Mapping):
+        raise ValueError(f"instance 0 must be a dict, got {type(first).__name__}")
+    keys = set(first)
+    extra = sorted(keys - set(CONSUMED_KEYS))
+    clash = [k for k in extra if k in PRODUCED_KEYS or k in _METADATA_KEYS]
+    if clash:
+        raise ValueError(f"instance 0: key {clash[0]!r} is produced by the collator; rename it")
+    ids, lens, masks = [], [], []
+    seq_len = None
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, Mapping):
+            raise ValueError(f"instance {i} must be a dict, got {type(inst).__name__}")
+        for key in ("input_ids", "doc_lens"):
+            if key not in inst:
+                raise ValueError(f"instance {i}: missing required key {key!r}")
+        if set(inst) != keys:
+            diff = sorted(set(inst) ^ keys)
+            raise ValueError(f"instance {i}: key {diff[0]!r} is not in every instance of the batch")
+        row = _check_tensor(inst["input_ids"], i, "input_ids", torch.int64)
+        if seq_len is None:
+            seq_len = len(row)
+            if seq_len == 0:
+                raise ValueError("instance 0: 'input_ids' is empty")
+        elif len(row) != seq_len:
+            raise ValueError(
+                f"instance {i}: 'input_ids' has length {len(row)} but instance 0 has {seq_len}; "
+                "all rows of a batch must have one length"
+            )
+        doc_lens = _check_tensor(inst["doc_lens"], i, "doc_lens", torch.int64)
+        if len(doc_lens) == 0 or int(doc_lens.min()) <= 0:
+            raise ValueError(f"instance {i}: 'doc_lens' must be non-empty and all > 0, got {doc_lens.tolist()}")
+        total = int(doc_lens.sum())
+        if total != seq_len:
+            raise ValueError(f"instance {i}: 'doc_lens' sums to {total}, but 'input_ids' has length {seq_len}")
+        ids.append(row)
+        lens.append(doc_lens)
+        if "label_mask" in inst:
+            masks.append(_check_tensor(inst["label_mask"], i, "label_mask", torch.bool, seq_len))
+    return ids, lens, (masks if "label_mask" in keys else None), extra
+
+
+def flat_labels(input_ids: torch.Tensor, next_ok: torch.Tensor) -> torch.Tensor:
+    """``labels[..., i] = input_ids[..., i+1]`` where ``next_ok[..., i]``, else -100 (last too)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[..., :-1] = torch.where(next_ok, input_ids[..., 1:], IGNORE_INDEX)
+    return labels
+
+
+@dataclass(kw_only=True)
+class ContextParallelCollator:
+    """Collate packed instances into the batch of one context-parallel rank (SPEC §2-3).
+
+    With ``document_masking`` (the default) the B rows are flattened into one packed row of B·S
+    tokens, labels and positions are computed on that full row, and the three tensors are
+    sharded with one plan of the balancer's ``batch_shard_by_document``; its metadata joins the
+    batch. Without, each row is sharded on its own (``batch_shard`` semantics) and no metadata is
+    added. ``reorder_documents`` (llama3 with document masking only) permutes whole documents with
+    ``cp_data.balancers.ordering.llama3_balanced_order`` after labels and positions are computed,
+    so contiguous slices get balanced attention work while every token keeps its label and
+    position.
+    """
+
+    load_balancer: RingAttentionLoadBalancerType | str
+    cp_rank: int
+    cp_world_size: int
+    pad_token_id: int = 0
+    length_multiple: int | None = None
+    document_masking: bool = True
+    reorder_documents: bool = False
+    balancer: RingAttentionLoadBalancer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.load_balancer = RingAttentionLoadBalancerType.parse(self.load_balancer)
+        for name in ("document_masking", "reorder_documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, (int, np.integer)):
+            raise ValueError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
+        llama3 = self.load_balancer is RingAttentionLoadBalancerType.llama3
+        if llama3 and not self.document_masking:
+            raise ValueError(
+                "load_balancer='llama3' has no batch_shard, so it needs document_masking=True"
+            )
+        if self.reorder_documents and not (llama3 and self.document_masking):
+            raise ValueError(
+                "reorder_documents=True needs load_balancer='llama3' with document_masking=True, "
+                f"got load_balancer={self.load_balancer.value!r}, document_masking={self.document_masking}"
+            )
+        self.balancer = self.load_balancer.create(cp_rank=self.cp_rank, cp_world_size=self.cp_world_size)
+        # A plan of an empty sequence checks length_multiple against the balancer's rules now.
+        self._plan(0, torch.zeros(1, dtype=torch.int32) if self.document_masking else None)
+
+    @classmethod
+    def from_mesh(
+        cls, cp_mesh: "DeviceMesh", *, load_balancer: RingAttentionLoadBalancerType | str, **kwargs: Any
+    ) -> "ContextParallelCollator":
+        """The collator for this process's rank in the 1-D context-parallel ``cp_mesh``."""
+        import torch.distributed as dist
+
+        if cp_mesh.ndim != 1:
+            raise ValueError(f"cp_mesh must be 1-D, got a mesh with {cp_mesh.ndim} dimensions")
+        group = cp_mesh.get_group()
+        return cls(
+            load_balancer=load_balancer,
+            cp_rank=dist.get_rank(group),
+            cp_world_size=dist.get_world_size(group),
+            **kwargs,
+        )
+
+    def _plan(self, seq_len: int, cu_doc_lens: torch.Tensor | None) -> ShardPlan:
+        return self.balancer.plan(seq_len, cu_doc_lens, length_multiple=self.length_multiple)
+
+    def full_batch(self, instances: Sequence[Mapping[str, Any]]) -> FullBatch:
+        """SPEC §3 steps 1-2 (and the document reordering): the batch before sharding."""
+        ids, lens, masks, extra = check_instances(instances)
+        passthrough = default_collate([{k: inst[k] for k in extra} for inst in instances]) if extra else {}
+        if not self.document_masking:
+            input_ids = torch.stack(ids)
+            next_ok = torch.stack(masks)[:, 1:] if masks is not None else torch.ones(1, dtype=torch.bool)
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return FullBatch(input_ids, flat_labels(input_ids, next_ok), positions, None, passthrough)
+
+        input_ids = torch.cat(ids)
+        doc_lens = torch.cat(lens)
+        cu = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
+        torch.cumsum(doc_lens, 0, out=cu[1:])
+        doc_starts = cu[:-1].long()
+        positions = torch.arange(len(input_ids)) - doc_starts.repeat_interleave(doc_lens)
+        # Every document is non-empty, so token i+1 starts a document exactly where its position is 0.
+        next_ok = positions[1:] != 0
+        if masks is not None:
+            next_ok &= torch.cat(masks)[1:]
+        labels = flat_labels(input_ids, next_ok)
+        if self.reorder_documents:
+            input_ids, labels, positions, cu = self._reorder(input_ids, labels, positions, doc_lens, doc_starts)
+        return FullBatch(input_ids, labels, positions, cu, passthrough)
+
+    def _reorder(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        doc_lens: torch.Tensor,
+        doc_starts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .balancers.ordering import llama3_balanced_order
+
+        n = len(doc_lens)
+        perm = np.asarray(
+            llama3_balanced_order(doc_lens.numpy(), self.cp_world_size, self.length_multiple), dtype=np.int64
+        )
+        if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
+            raise RuntimeError(f"llama3_balanced_order returned {perm.tolist()[:12]}, not a permutation of {n} documents")
+        perm_t = torch.from_numpy(perm)
+        new_lens = doc_lens[perm_t]
+        cu = torch.zeros(n + 1, dtype=torch.int32)
+        torch.cumsum(new_lens, 0, out=cu[1:])
+        # Source of token j of the new row: its document's old start plus its (unchanged) position.
+        new_positions = torch.arange(len(input_ids)) - cu[:-1].long().repeat_interleave(new_lens)
+        source = doc_starts[perm_t].repeat_interleave(new_lens) + new_positions
+        return input_ids[source], labels[source], new_positions, cu
+
+    def plans_all_ranks(self, full: FullBatch) -> list[ShardPlan]:
+        """The plan of every rank of the group for ``full`` (to unshard gathered shards)."""
+        seq_len = full.input_ids.shape[-1]
+        return self.balancer.plan_all_ranks(seq_len, full.cu_doc_lens, length_multiple=self.length_multiple)
+
+    def __call__(self, instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The SPEC §2 batch of rank ``cp_rank`` for a list of B packed instances."""
+        full = self.full_batch(instances)
+        plan = self._plan(full.input_ids.shape[-1], full.cu_doc_lens)
+        input_ids, labels, positions = plan.shard_all(
+            [full.input_ids, full.labels, full.position_ids],
+            seq_dims=[-1, -1, -1],
+            pad_values=[self.pad_token_id, IGNORE_INDEX, 0],
+        )
+        if self.document_masking:
+            input_ids, labels, positions = input_ids[None], labels[None], positions[None]
+        batch = dict(input_ids=input_ids, labels=labels, position_ids=positions)
+        batch.update(plan.metadata)
+        batch.update(full.passthrough)
+        return batch
