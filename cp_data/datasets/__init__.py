@@ -2,5 +2,6 @@
 
 from .packed import PackedDataset
 from .store import TokenStore
+from .streaming import PackedIterableDataset
 
-__all__ = ["PackedDataset", "TokenStore"]
+__all__ = ["PackedDataset", "PackedIterableDataset", "TokenStore"]
