@@ -69,8 +69,7 @@ def check_instances(
     first = instances[0]
     if not isinstance(first, Mapping):
         raise ValueError(f"instance 0 must be a dict, got {type(first).__name__}")
-    keys = set(first)
-    extra = sorted(keys - set(CONSUMED_KEYS))
+    extra = sorted(set(first) - set(CONSUMED_KEYS))
     clash = [k for k in extra if k in PRODUCED_KEYS or k in _METADATA_KEYS]
     if clash:
         raise ValueError(f"instance 0: key {clash[0]!r} is produced by the collator; rename it")
@@ -82,8 +81,8 @@ def check_instances(
         for key in ("input_ids", "doc_lens"):
             if key not in inst:
                 raise ValueError(f"instance {i}: missing required key {key!r}")
-        if set(inst) != keys:
-            diff = sorted(set(inst) ^ keys)
+        if set(inst) - set(CONSUMED_KEYS) != set(extra):
+            diff = sorted((set(inst) - set(CONSUMED_KEYS)) ^ set(extra))
             raise ValueError(f"instance {i}: key {diff[0]!r} is not in every instance of the batch")
         row = _check_tensor(inst["input_ids"], i, "input_ids", torch.int64)
         if seq_len is None:
@@ -105,7 +104,11 @@ def check_instances(
         lens.append(doc_lens)
         if "label_mask" in inst:
             masks.append(_check_tensor(inst["label_mask"], i, "label_mask", torch.bool, seq_len))
-    return ids, lens, (masks if "label_mask" in keys else None), extra
+        else:  # absent means all True
+            masks.append(None)
+    if all(m is None for m in masks):
+        return ids, lens, None, extra
+    return ids, lens, [torch.ones(seq_len, dtype=torch.bool) if m is None else m for m in masks], extra
 
 
 def flat_labels(input_ids: torch.Tensor, next_ok: torch.Tensor) -> torch.Tensor:
