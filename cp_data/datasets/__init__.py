@@ -1,7 +1,28 @@
 """Hugging Face datasets layer: packed map-style and streaming datasets, tokenisation, corpus."""
 
+from .corpus import (
+    default_cache_dir,
+    get_tokenizer,
+    load_default_corpus,
+    load_text_files,
+    packed_dataset_from_files,
+    train_bpe,
+)
 from .packed import PackedDataset
 from .store import TokenStore
 from .streaming import PackedIterableDataset
+from .tokenize import ByteTokenizer, tokenize_dataset
 
-__all__ = ["PackedDataset", "PackedIterableDataset", "TokenStore"]
+__all__ = [
+    "ByteTokenizer",
+    "PackedDataset",
+    "PackedIterableDataset",
+    "TokenStore",
+    "default_cache_dir",
+    "get_tokenizer",
+    "load_default_corpus",
+    "load_text_files",
+    "packed_dataset_from_files",
+    "tokenize_dataset",
+    "train_bpe",
+]

@@ -1,0 +1,195 @@
+"""An embedded default corpus (text shipped with Python itself) and loaders for local text files.
+
+Nothing is downloaded: documents come from ``pydoc_data.topics`` (one per help topic) and the
+standard library's ``.py`` files (a long-tailed code corpus). They are written once as JSON Lines
+into a user cache dir and read back through ``datasets.load_dataset("json", ...)``, the same path
+that serves users' own files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import datasets
+import tokenizers
+
+from cp_data.packing import PackingConfig
+
+from .packed import PackedDataset, as_config
+from .streaming import PackedIterableDataset
+from .tokenize import ByteTokenizer, tokenize_dataset
+
+__all__ = [
+    "default_cache_dir",
+    "load_default_corpus",
+    "load_text_files",
+    "packed_dataset_from_files",
+    "train_bpe",
+    "get_tokenizer",
+]
+
+CORPUS_VERSION = 1
+_PY = f"py{sys.version_info.major}{sys.version_info.minor}"
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
+    """``cache_dir``, else ``$CP_DATA_CACHE``, else ``$XDG_CACHE_HOME/cp_data`` (~/.cache/cp_data)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("CP_DATA_CACHE")
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cp_data"
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _pydoc_docs():
+    from pydoc_data.topics import topics
+
+    return ({"name": f"pydoc:{k}", "text": topics[k]} for k in sorted(topics))
+
+
+def _stdlib_docs(include_tests: bool):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = _SKIP_DIRS | (set() if include_tests else _TEST_DIRS)
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts[:-1]):
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        yield {"name": f"stdlib:{rel.as_posix()}", "text": text}
+
+
+def _corpus_file(kind: str, include_tests: bool, cache: Path) -> Path:
+    suffix = "-tests" if include_tests and kind != "pydoc" else ""
+    path = cache / "corpus" / f"{kind}{suffix}-{_PY}-v{CORPUS_VERSION}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = []
+        if kind in ("pydoc", "both"):
+            docs.append(_pydoc_docs())
+        if kind in ("stdlib", "both"):
+            docs.append(_stdlib_docs(include_tests))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with tmp.open("w", encoding="utf-8") as f:
+            for source in docs:
+                for doc in source:
+                    f.write(json.dumps(doc) + "\n")
+        tmp.replace(path)  # atomic: concurrent callers never see half a file
+    return path
+
+
+def train_bpe(vocab_size: int = 8192, cache_dir: Union[str, Path, None] = None) -> tokenizers.Tokenizer:
+    """A byte-level BPE trained locally on the pydoc topics (about a second), cached on disk.
+
+    ``<|endoftext|>`` is id 0 and doubles as EOS.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"vocab_size must be an integer >= 257, got {vocab_size!r}")
+    path = default_cache_dir(cache_dir) / f"bpe-{vocab_size}-{_PY}-v{CORPUS_VERSION}.json"
+    if path.exists():
+        return tokenizers.Tokenizer.from_file(str(path))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((d["text"] for d in _pydoc_docs()), trainer=trainer)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.save(str(tmp))
+    tmp.replace(path)
+    return tok
+
+
+def get_tokenizer(tokenizer: Any = "bpe", vocab_size: int = 8192, cache_dir=None) -> Any:
+    """``"bpe"`` (local byte-level BPE), ``"bytes"`` (:class:`ByteTokenizer`), or a tokenizer as is."""
+    if tokenizer == "bpe":
+        return train_bpe(vocab_size, cache_dir)
+    if tokenizer == "bytes":
+        return ByteTokenizer()
+    if isinstance(tokenizer, str):
+        raise ValueError(f"tokenizer must be 'bpe', 'bytes' or a tokenizer object, got {tokenizer!r}")
+    return tokenizer
+
+
+def load_text_files(
+    data_files: Union[str, Sequence[str]],
+    *,
+    file_format: Optional[Literal["text", "json"]] = None,
+    streaming: bool = False,
+    cache_dir=None,
+    **load_kwargs,
+):
+    """Local files as a HF dataset via ``load_dataset("text"|"json", data_files=...)``.
+
+    The format follows the extension (``.json``/``.jsonl`` -> json, otherwise text, one document
+    per line; pass ``sample_by="document"`` for one per file). HF caches stay in the cp_data cache.
+    """
+    files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    if not files:
+        raise ValueError("data_files is empty")
+    if file_format is None:
+        file_format = "json" if str(files[0]).endswith((".json", ".jsonl")) else "text"
+    if file_format not in ("text", "json"):
+        raise ValueError(f"file_format must be 'text' or 'json', got {file_format!r}")
+    return datasets.load_dataset(
+        file_format,
+        data_files=[str(f) for f in files],
+        split="train",
+        streaming=streaming,
+        cache_dir=str(default_cache_dir(cache_dir) / "hf"),
+        **load_kwargs,
+    )
+
+
+def load_default_corpus(
+    kind: Literal["pydoc", "stdlib", "both"] = "pydoc",
+    tokenizer: Any = "bpe",
+    *,
+    vocab_size: int = 8192,
+    include_tests: bool = False,
+    num_proc: Optional[int] = None,
+    cache_dir=None,
+) -> datasets.Dataset:
+    """The embedded corpus as a ``datasets.Dataset`` with ``name`` and ``input_ids`` (EOS-ended).
+
+    ``kind``: ``"pydoc"`` (79 help topics, ~0.5 MB), ``"stdlib"`` (the standard library's ``.py``
+    files, long-tailed; ``include_tests`` adds the test suites) or ``"both"``.
+    """
+    if kind not in ("pydoc", "stdlib", "both"):
+        raise ValueError(f"kind must be 'pydoc', 'stdlib' or 'both', got {kind!r}")
+    cache = default_cache_dir(cache_dir)
+    ds = load_text_files(_corpus_file(kind, include_tests, cache), file_format="json", cache_dir=cache)
+    tok = get_tokenizer(tokenizer, vocab_size, cache)
+    out = tokenize_dataset(ds, tok, num_proc=num_proc, keep_columns=True)
+    return out.remove_columns("text")
+
+
+def packed_dataset_from_files(
+    data_files: Union[str, Sequence[str]],
+    config: Union[PackingConfig, int],
+    *,
+    tokenizer: Any = "bpe",
+    text_column: str = "text",
+    streaming: bool = False,
+    num_proc: Optional[int] = None,
+    cache_dir=None,
+    **load_kwargs,
+) -> Union[PackedDataset, PackedIterableDataset]:
+    """Load local text/json files, tokenise ``text_column`` and pack: map-style, or streaming."""
+    ds = load_text_files(data_files, streaming=streaming, cache_dir=cache_dir, **load_kwargs)
+    tok = get_tokenizer(tokenizer, cache_dir=cache_dir)
+    ids = tokenize_dataset(ds, tok, text_column=text_column, num_proc=None if streaming else num_proc)
+    cls = PackedIterableDataset if streaming else PackedDataset
+    return cls(ids, as_config(config))
