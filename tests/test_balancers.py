@@ -241,3 +241,24 @@ def test_zero_length_documents_are_allowed():
     assert meta["cu_doc_lens"].tolist() == [0, 0, 2, 2, 4, 4]
     out, meta = by_doc(L3, 2, 1, 8, [0, 4, 4, 8])
     assert out == [4, 5, 6, 7] and meta["cu_doc_lens_q"].tolist() == [0, 0, 4]
+
+
+# --- plans and unshard ----------------------------------------------------------------------
+
+
+def test_plan_index_from_index_and_unshard_checks():
+    plans = ZZ(cp_rank=0, cp_world_size=2).plan_all_ranks(10, torch.tensor([0, 7, 10]))
+    assert plans[0].index.tolist() == [0, 1, 6, -1, 7, -1]
+    assert (plans[0].local_len, plans[0].num_padding, plans[0].group_padding) == (6, 2, 2)
+    rebuilt = cp_data.ShardPlan.from_index(plans[0].index, 10, 0, 2, plans[0].metadata)
+    assert torch.equal(rebuilt.gather_index, plans[0].gather_index)
+    assert torch.equal(rebuilt.pad_positions, plans[0].pad_positions)
+    x = torch.arange(10) * 3
+    shards = [p.shard(x, 0, -1) for p in plans]
+    assert torch.equal(cp_data.unshard(shards, plans, 0), x)
+    with pytest.raises(ValueError, match="exactly once"):
+        cp_data.unshard([shards[0], shards[0]], [plans[0], plans[0]], 0)
+    with pytest.raises(ValueError, match="one shard per plan"):
+        cp_data.unshard(shards[:1], plans, 0)
+    with pytest.raises(ValueError, match="has size 5 on seq_dim 0"):
+        plans[0].shard(torch.arange(5), 0, -1)

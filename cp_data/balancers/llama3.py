@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .base import RingAttentionLoadBalancer
-from .plan import ShardPlan, contiguous_index
+from .plan import ShardPlan, contiguous_plan
 from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
 
 
@@ -69,13 +69,12 @@ class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
                 f"{type(self).__name__} should only be used with intra-document masking. "
                 "Please use 'batch_shard_by_document()' instead."
             )
-        cu = check_cu_doc_lens(cu_doc_lens, seq_len)
+        cu, _ = check_cu_doc_lens(cu_doc_lens, seq_len)
         multiple = self.cp_world_size * (check_length_multiple(length_multiple) or 1)
         padded_len = round_up(seq_len, multiple)
         if padded_len != seq_len:
             cu_doc_lens = metadata_tensor(np.append(cu, padded_len), cu_doc_lens)
-        index = contiguous_index(seq_len, padded_len, self.cp_rank, self.cp_world_size)
         metadata = (
             llama3_cu_seqlens(cu_doc_lens, self.cp_rank, self.cp_world_size) if padded_len else {}
         )
-        return ShardPlan(index, seq_len, self.cp_rank, self.cp_world_size, metadata)
+        return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)

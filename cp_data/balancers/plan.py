@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .validation import ShardingError, check_length_multiple, normalize_dim, round_up
@@ -17,39 +18,51 @@ PAD = -1
 class ShardPlan:
     """Where each element of one rank's shard comes from.
 
-    ``index[j]`` is the position in the original (unpadded) sequence of the ``j``-th element of
-    the shard, or :data:`PAD` where the shard holds padding. Applying a plan is one gather along
-    the sequence dimension, so every input of a batch is sharded with the same plan.
+    A plan is a gather index into the original (unpadded) sequence plus the shard positions that
+    hold padding. Applying it is one ``index_select`` along the sequence dimension (and a fill of
+    the padding), so every input of a batch is sharded with the same plan.
     """
 
-    index: torch.Tensor
-    """int64 [local_len]: source position per shard position, ``PAD`` for padding."""
+    gather_index: torch.Tensor
+    """int64 [local_len]: source position of each shard position (any valid one at padding)."""
+    pad_positions: torch.Tensor
+    """int64 [num_padding]: the shard positions that hold padding."""
     seq_len: int
     """Length of the original sequence the plan reads from."""
     cp_rank: int
     cp_world_size: int
     metadata: dict[str, Any] = field(default_factory=dict)
     """What the attention kernel needs besides the shard (empty for plain sharding)."""
-    _gather_index: torch.Tensor = field(init=False, repr=False)
-    _pad_positions: torch.Tensor = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        is_pad = self.index == PAD
-        self._pad_positions = is_pad.nonzero().flatten()
-        # Pad slots read position 0 and are overwritten afterwards: no padded copy of the input.
-        self._gather_index = (
-            self.index.masked_fill(is_pad, 0) if len(self._pad_positions) else self.index
+    @classmethod
+    def from_index(
+        cls, index: torch.Tensor, seq_len: int, cp_rank: int, cp_world_size: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> "ShardPlan":
+        """A plan from source positions with :data:`PAD` marking padding."""
+        values = index.numpy()
+        pad_positions = np.flatnonzero(values == PAD)
+        gather = values.copy()
+        gather[pad_positions] = 0
+        return cls(
+            torch.from_numpy(gather), torch.from_numpy(pad_positions), seq_len, cp_rank,
+            cp_world_size, metadata or {},
         )
+
+    @property
+    def index(self) -> torch.Tensor:
+        """int64 [local_len]: source position per shard position, :data:`PAD` at padding."""
+        return self.gather_index.index_fill(0, self.pad_positions, PAD)
 
     @property
     def local_len(self) -> int:
         """Length of the shard on the sequence dimension."""
-        return int(self.index.numel())
+        return int(self.gather_index.numel())
 
     @property
     def num_padding(self) -> int:
         """How many positions of this rank's shard are padding."""
-        return int(self._pad_positions.numel())
+        return int(self.pad_positions.numel())
 
     @property
     def group_padding(self) -> int:
@@ -72,14 +85,16 @@ class ShardPlan:
                 f"a sequence of length {self.seq_len} needs {self.group_padding} padding positions "
                 f"over {self.cp_world_size} ranks, but {name} has no pad value"
             )
-        if not self.num_padding:
-            return x.index_select(dim, self.index)
+        gather, pads = self.gather_index, self.pad_positions
+        if not x.is_cpu:
+            gather, pads = gather.to(x.device), pads.to(x.device)
+        if not len(pads):
+            return x.index_select(dim, gather)
         if self.seq_len == 0:
             shape = list(x.shape)
             shape[dim] = self.local_len
             return torch.full(shape, pad_value, dtype=x.dtype, device=x.device)
-        out = x.index_select(dim, self._gather_index.to(x.device))
-        return out.index_fill_(dim, self._pad_positions.to(x.device), pad_value)
+        return x.index_select(dim, gather).index_fill_(dim, pads, pad_value)
 
     def shard_all(
         self,
@@ -110,11 +125,17 @@ def pad_to_multiple(
     return torch.cat([x, x.new_full(shape, value)], dim=dim), padding
 
 
-def contiguous_index(seq_len: int, padded_len: int, cp_rank: int, cp_world_size: int) -> torch.Tensor:
-    """Rank ``cp_rank``'s contiguous slice of a sequence padded to ``padded_len``."""
+def contiguous_plan(
+    seq_len: int, padded_len: int, cp_rank: int, cp_world_size: int, metadata: dict[str, Any] | None = None
+) -> ShardPlan:
+    """Rank ``cp_rank``'s contiguous slice of a sequence padded at its end to ``padded_len``."""
     local_len = padded_len // cp_world_size
-    index = torch.arange(cp_rank * local_len, (cp_rank + 1) * local_len, dtype=torch.int64)
-    return index.masked_fill_(index >= seq_len, PAD)
+    start = cp_rank * local_len
+    real = min(max(seq_len - start, 0), local_len)
+    gather = torch.arange(start, start + local_len, dtype=torch.int64)
+    gather[real:] = 0
+    pad_positions = torch.arange(real, local_len, dtype=torch.int64)
+    return ShardPlan(gather, pad_positions, seq_len, cp_rank, cp_world_size, metadata or {})
 
 
 def unshard(shards: Sequence[torch.Tensor], plans: Sequence[ShardPlan], seq_dim: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .base import RingAttentionLoadBalancer
-from .plan import ShardPlan, contiguous_index, pad_to_multiple
+from .plan import ShardPlan, contiguous_plan, pad_to_multiple
 from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
 
 
@@ -28,18 +28,18 @@ class UlyssesLoadBalancer(RingAttentionLoadBalancer):
             check_length_multiple(length_multiple, self.cp_world_size, "CP degree")
             or self.cp_world_size
         )
-        cu = None if cu_doc_lens is None else check_cu_doc_lens(cu_doc_lens, seq_len)
         padded_len = round_up(seq_len, multiple)
-        index = contiguous_index(seq_len, padded_len, self.cp_rank, self.cp_world_size)
-        if cu is None:
-            return ShardPlan(index, seq_len, self.cp_rank, self.cp_world_size)
-        if padded_len != seq_len:
+        if cu_doc_lens is None:
+            return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size)
+        cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
+        padding = padded_len - seq_len
+        if padding:
             cu = np.append(cu, padded_len)
         metadata = dict(
             cu_doc_lens=metadata_tensor(cu, cu_doc_lens),
-            max_doc_len=int(np.diff(cu).max()) if len(cu) > 1 else 0,
+            max_doc_len=max(int(lengths.max()) if len(lengths) else 0, padding),
         )
-        return ShardPlan(index, seq_len, self.cp_rank, self.cp_world_size, metadata)
+        return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)
 
     def pad(
         self,

@@ -60,28 +60,38 @@ def check_inputs(
     return (lengths[0] if lengths else None), dims
 
 
-def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> np.ndarray:
-    """Validate cumulative document lengths; return them as an int64 numpy array."""
+_NUMPY_INT_DTYPES = {
+    torch.int8: np.int8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+    torch.uint8: np.uint8,
+}
+
+
+def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate cumulative document lengths; return them and the lengths as int64 numpy arrays."""
     if not isinstance(cu_doc_lens, torch.Tensor):
         raise ShardingError(f"cu_doc_lens must be a torch.Tensor, got {type(cu_doc_lens).__name__}")
     if cu_doc_lens.ndim != 1:
         raise ShardingError(f"cu_doc_lens must be 1-D, got shape {tuple(cu_doc_lens.shape)}")
     if cu_doc_lens.device.type != "cpu":
         raise ShardingError(f"cu_doc_lens must be on CPU, got device {cu_doc_lens.device}")
-    if cu_doc_lens.dtype.is_floating_point or cu_doc_lens.dtype.is_complex or cu_doc_lens.dtype == torch.bool:
+    if cu_doc_lens.dtype not in _NUMPY_INT_DTYPES:
         raise ShardingError(f"cu_doc_lens must have an integer dtype, got {cu_doc_lens.dtype}")
     if cu_doc_lens.numel() == 0:
         raise ShardingError("cu_doc_lens is empty; it must start with 0")
     cu = cu_doc_lens.numpy().astype(np.int64, copy=False)
     if cu[0] != 0:
         raise ShardingError(f"cu_doc_lens must start with 0, got {_preview(cu)}")
-    if len(cu) > 1 and (np.diff(cu) < 0).any():
+    lengths = np.diff(cu)
+    if (lengths < 0).any():
         raise ShardingError(f"cu_doc_lens must be non-decreasing, got {_preview(cu)}")
     if seq_len is not None and cu[-1] != seq_len:
         raise ShardingError(
             f"cu_doc_lens ends at {int(cu[-1])} but the inputs have sequence length {seq_len}"
         )
-    return cu
+    return cu, lengths
 
 
 def check_length_multiple(length_multiple: int | None, divisor: int = 1, what: str = "") -> int | None:
@@ -101,4 +111,4 @@ def check_length_multiple(length_multiple: int | None, divisor: int = 1, what: s
 
 def metadata_tensor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A new metadata tensor (never a view of the input) with the dtype of ``cu_doc_lens``."""
-    return torch.from_numpy(np.array(values, dtype=np.int64)).to(like.dtype)
+    return torch.from_numpy(values.astype(_NUMPY_INT_DTYPES[like.dtype]))

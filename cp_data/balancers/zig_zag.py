@@ -6,14 +6,14 @@ import numpy as np
 import torch
 
 from .base import RingAttentionLoadBalancer
-from .plan import PAD, ShardPlan, pad_to_multiple
+from .plan import ShardPlan, pad_to_multiple
 from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
 
 
 def zig_zag_index(
     starts: np.ndarray, lengths: np.ndarray, padded_lengths: np.ndarray, cp_rank: int, cp_world_size: int
-) -> np.ndarray:
-    """Source positions of rank ``cp_rank``'s zig-zag shard, ``PAD`` where a document is padded.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gather index of rank ``cp_rank``'s zig-zag shard and the shard positions that are padding.
 
     Document ``i`` occupies ``[starts[i], starts[i] + lengths[i])`` and is padded at its end to
     ``padded_lengths[i]`` (a multiple of 2W), then cut into 2W equal chunks; the shard holds
@@ -21,18 +21,22 @@ def zig_zag_index(
     """
     num_chunks = 2 * cp_world_size
     chunk = padded_lengths // num_chunks
-    # Two segments per document: the rank's chunk from the front, then its mirror from the back.
-    seg_start = np.stack(
-        [starts + cp_rank * chunk, starts + (num_chunks - 1 - cp_rank) * chunk], axis=1
-    ).ravel()
+    # Two segments per document, [n, 2]: the rank's chunk from the front, then its mirror.
+    seg_start = np.multiply.outer(chunk, [cp_rank, num_chunks - 1 - cp_rank]) + starts[:, None]
     seg_len = np.repeat(chunk, 2)
-    local_len = int(seg_len.sum())
-    local_seg_start = np.cumsum(seg_len) - seg_len
-    index = np.arange(local_len, dtype=np.int64) + np.repeat(seg_start - local_seg_start, seg_len)
-    if (padded_lengths != lengths).any():
-        doc_end = np.repeat(np.repeat(starts + lengths, 2), seg_len)
-        index[index >= doc_end] = PAD
-    return index
+    gather, local_seg_start = ragged_arange(seg_start.ravel(), seg_len)
+    # Real tokens per segment; the rest of a segment (past its document's end) is padding.
+    real = np.clip((starts + lengths)[:, None] - seg_start, 0, chunk[:, None]).ravel()
+    pad_positions, _ = ragged_arange(local_seg_start + real, seg_len - real)
+    gather[pad_positions] = 0
+    return gather, pad_positions
+
+
+def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenation of ``arange(s, s + c)`` for every pair, and where each run begins in it."""
+    offsets = np.cumsum(counts) - counts
+    total = int(offsets[-1] + counts[-1]) if len(counts) else 0
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, counts), offsets
 
 
 class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
@@ -52,30 +56,37 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
         num_chunks = 2 * self.cp_world_size
         if cu_doc_lens is None:
             multiple = check_length_multiple(length_multiple, num_chunks, "2 x CP degree") or num_chunks
-            index = zig_zag_index(
+            gather, pads = zig_zag_index(
                 np.zeros(1, dtype=np.int64),
                 np.array([seq_len], dtype=np.int64),
                 np.array([round_up(seq_len, multiple)], dtype=np.int64),
                 self.cp_rank,
                 self.cp_world_size,
             )
-            return ShardPlan(torch.from_numpy(index), seq_len, self.cp_rank, self.cp_world_size)
+            return self._plan(gather, pads, seq_len, {})
 
-        cu = check_cu_doc_lens(cu_doc_lens, seq_len)
+        cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
         final_multiple = check_length_multiple(length_multiple)
-        lengths = np.diff(cu)
         padded = -(-lengths // num_chunks) * num_chunks
-        index = zig_zag_index(cu[:-1], lengths, padded, self.cp_rank, self.cp_world_size)
+        gather, pads = zig_zag_index(cu[:-1], lengths, padded, self.cp_rank, self.cp_world_size)
+        # The padded global boundaries divided by W.
         local_cu = np.zeros(len(cu), dtype=np.int64)
         np.cumsum(padded // self.cp_world_size, out=local_cu[1:])
         if final_multiple is not None:
             # Upstream appends the end padding as one more document, even when it is empty.
-            final_padding = round_up(len(index), final_multiple) - len(index)
-            index = np.concatenate([index, np.full(final_padding, PAD, dtype=np.int64)])
+            local_len = len(gather)
+            final_padding = round_up(local_len, final_multiple) - local_len
+            gather = np.concatenate([gather, np.zeros(final_padding, dtype=np.int64)])
+            pads = np.concatenate([pads, np.arange(local_len, local_len + final_padding)])
             local_cu = np.append(local_cu, local_cu[-1] + final_padding)
         max_doc_len = int(np.diff(local_cu).max()) if len(local_cu) > 1 else 0
         metadata = dict(cu_doc_lens=metadata_tensor(local_cu, cu_doc_lens), max_doc_len=max_doc_len)
-        return ShardPlan(torch.from_numpy(index), seq_len, self.cp_rank, self.cp_world_size, metadata)
+        return self._plan(gather, pads, seq_len, metadata)
+
+    def _plan(self, gather: np.ndarray, pads: np.ndarray, seq_len: int, metadata: dict) -> ShardPlan:
+        return ShardPlan(
+            torch.from_numpy(gather), torch.from_numpy(pads), seq_len, self.cp_rank, self.cp_world_size, metadata
+        )
 
     def pad(
         self,

@@ -1,0 +1,120 @@
+"""Balancer benchmark: planned gather vs the upstream per-document loop vs the copy limit.
+
+A batch of ~64k tokens in ~1000 long-tailed documents, three int64 inputs, all W ranks. Every
+figure is a ratio of timings taken in the same run, so a noisy machine changes little.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cp_data.balancers import RingAttentionLoadBalancerType, llama3_cu_seqlens
+
+
+def long_tailed_doc_lens(num_tokens: int, num_docs: int, seed: int = 0) -> np.ndarray:
+    """``num_docs`` positive lengths summing to ``num_tokens``, lognormal (a few long, many short)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(mean=0.0, sigma=1.2, size=num_docs)
+    lengths = np.maximum(1, np.floor(weights / weights.sum() * num_tokens)).astype(np.int64)
+    lengths[np.argmax(lengths)] += num_tokens - lengths.sum()
+    return lengths
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best of ``repeats`` wall-clock timings (the least disturbed by other processes)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def upstream_zig_zag(inputs, cu, W, r, pad_values):
+    """The upstream algorithm: slice, pad and chunk every document of every input in Python."""
+    out = []
+    for x, pad in zip(inputs, pad_values):
+        local = []
+        for i in range(len(cu) - 1):
+            doc = x[:, int(cu[i]) : int(cu[i + 1])]
+            doc = F.pad(doc, (0, (-doc.shape[1]) % (2 * W)), value=pad)
+            chunks = doc.chunk(2 * W, dim=1)
+            local.extend([chunks[r], chunks[2 * W - 1 - r]])
+        out.append(torch.cat(local, dim=1).contiguous())
+    return out
+
+
+def upstream_contiguous(inputs, cu, W, r, pad_values, llama3: bool):
+    """The upstream llama3/ulysses path: pad the whole row, slice, (llama3) prepare cu_seqlens."""
+    n = int(cu[-1])
+    padding = (-n) % W
+    out = []
+    for x, pad in zip(inputs, pad_values):
+        x = F.pad(x, (0, padding), value=pad)
+        size = x.shape[1] // W
+        out.append(x[:, r * size : (r + 1) * size].contiguous())
+    if llama3:
+        padded_cu = torch.cat([cu, cu.new_tensor([n + padding])]) if padding else cu
+        llama3_cu_seqlens(padded_cu, r, W)
+    return out
+
+
+def run(num_tokens: int = 65_536, num_docs: int = 1000, world_size: int = 8, repeats: int = 20) -> dict:
+    """Time every balancer for all ranks; return speed-ups and copy-limit ratios."""
+    lengths = long_tailed_doc_lens(num_tokens - 3, num_docs)  # not a multiple: padding is exercised
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(torch.int32)
+    n = int(cu[-1])
+    inputs = [torch.randint(0, 50_000, (1, n)) for _ in range(3)]
+    pads = [0, -100, 0]
+    local = -(-n // world_size)
+    ready = [torch.randint(0, n, (local,)) for _ in range(world_size)]
+    copy_limit = _best_time(lambda: [x.index_select(1, i) for i in ready for x in inputs], repeats)
+    results = {"num_tokens": n, "num_docs": num_docs, "world_size": world_size, "copy_limit_s": copy_limit}
+    for kind in RingAttentionLoadBalancerType:
+        balancers = [kind.create(cp_rank=r, cp_world_size=world_size) for r in range(world_size)]
+        ours = _best_time(
+            lambda: [
+                b.batch_shard_by_document(inputs=inputs, seq_dims=[1, 1, 1], cu_doc_lens=cu, pad_values=pads)
+                for b in balancers
+            ],
+            repeats,
+        )
+        if kind is RingAttentionLoadBalancerType.zig_zag:
+            baseline_fn = lambda r: upstream_zig_zag(inputs, cu, world_size, r, pads)
+        else:
+            llama3 = kind is RingAttentionLoadBalancerType.llama3
+            baseline_fn = lambda r: upstream_contiguous(inputs, cu, world_size, r, pads, llama3)
+        baseline = _best_time(lambda: [baseline_fn(r) for r in range(world_size)], max(2, repeats // 5))
+        results[kind.value] = {
+            "seconds": ours,
+            "baseline_seconds": baseline,
+            "speedup_vs_upstream_loop": baseline / ours,
+            "ratio_to_copy_limit": ours / copy_limit,
+        }
+    return results
+
+
+def main(**kwargs) -> dict:
+    """Run the benchmark and print one line per balancer."""
+    results = run(**kwargs)
+    print(
+        f"balancers: {results['num_tokens']} tokens, {results['num_docs']} docs, W={results['world_size']}, "
+        f"3 int64 inputs, all ranks; copy limit {results['copy_limit_s'] * 1e6:.0f} us"
+    )
+    for kind in RingAttentionLoadBalancerType:
+        r = results[kind.value]
+        print(
+            f"  {kind.value:8s} {r['seconds'] * 1e6:8.0f} us   speed-up vs upstream loop "
+            f"{r['speedup_vs_upstream_loop']:7.1f}x   ratio to copy limit {r['ratio_to_copy_limit']:5.2f}x"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
