@@ -1,0 +1,191 @@
+"""HF layer: map-style and streaming packed datasets, resume, worker/node splits, corpus, errors."""
+
+import collections
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from datasets.distributed import split_dataset_by_node
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from cp_data.datasets import (
+    ByteTokenizer,
+    PackedDataset,
+    PackedIterableDataset,
+    load_default_corpus,
+    packed_dataset_from_files,
+    tokenize_dataset,
+    train_bpe,
+)
+from cp_data.packing import PackingConfig
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CP_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "cp_data_cache"))
+
+
+def make_docs(n=120, max_len=40, seed=0):
+    rng = np.random.default_rng(seed)
+    # unique token values so every token can be traced back to its document
+    lens = rng.integers(0, max_len, n)
+    ends = np.cumsum(lens)
+    return [list(range(e - k + 1, e + 1)) for e, k in zip(ends, lens)]
+
+
+def real_tokens(rows):
+    return sorted(int(t) for r in rows for t in r["input_ids"][r["label_mask"]])
+
+
+def check_instance(row, S):
+    assert row["input_ids"].dtype == torch.int64 and row["input_ids"].shape == (S,)
+    assert row["doc_lens"].dtype == torch.int64 and int(row["doc_lens"].sum()) == S
+    assert (row["doc_lens"] > 0).all()
+    assert row["label_mask"].dtype == torch.bool and row["label_mask"].shape == (S,)
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(st.lists(st.integers(1, 10**6), max_size=30), max_size=25),
+    st.integers(1, 16),
+    st.sampled_from(["bfd", "concat"]),
+)
+def test_map_style_conserves_documents(docs, S, algorithm):
+    ds = datasets.Dataset.from_dict({"input_ids": docs}, features=datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int64"))}))
+    packed = PackedDataset(ds, PackingConfig(S, algorithm=algorithm, pad_token_id=-7))
+    rows = [packed[i] for i in range(len(packed))]
+    for row in rows:
+        check_instance(row, S)
+        assert (row["input_ids"][~row["label_mask"]] == -7).all()
+    assert real_tokens(rows) == sorted(t for d in docs for t in d)
+    assert packed.metrics()["empty_docs_skipped"] == sum(not d for d in docs)
+
+
+def test_map_style_worked_rows_and_index_mapping():
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10, 11]]})
+    packed = PackedDataset(ds, PackingConfig(4, cp_multiple=2))
+    got = [(packed[i]["input_ids"].tolist(), packed[i]["doc_lens"].tolist()) for i in range(len(packed))]
+    assert got == [([1, 2, 3, 0], [4]), ([5, 6, 7, 8], [4]), ([9, 10, 11, 0], [4]), ([4, 0, 0, 0], [2, 2])]
+    assert packed[-1]["label_mask"].tolist() == [True, False, False, False]
+    m = packed.metrics()
+    assert (m["rows"], m["docs_split"], m["empty_docs_skipped"], m["tokens"]) == (4, 1, 1, 11)
+    shuffled = PackedDataset(ds.select([3, 0]), 8)  # select() index mapping is honoured
+    assert shuffled[0]["input_ids"].tolist() == [5, 6, 7, 8, 9, 10, 11, 0]
+    assert shuffled[1]["input_ids"].tolist() == [1, 2, 3, 0, 0, 0, 0, 0]
+
+
+def test_bad_input_errors():
+    ds = datasets.Dataset.from_dict({"text": ["a"], "ids": [[1.5]]})
+    with pytest.raises(ValueError, match=r"'input_ids' not found.*\['text', 'ids'\]"):
+        PackedDataset(ds, 8)
+    with pytest.raises(ValueError, match="integer token ids, got list<item: double>"):
+        PackedDataset(ds, 8, column="ids")
+    with pytest.raises(ValueError, match="tokenize"):
+        PackedDataset(ds, 8, column="text")
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedDataset(datasets.Dataset.from_dict({"input_ids": [[1]]}), 0)
+    with pytest.raises(ValueError, match="cp_multiple=3 does not divide seq_len=8"):
+        PackedIterableDataset(ds, PackingConfig(8, cp_multiple=3), column="ids")
+    with pytest.raises(ValueError, match="non-integer"):
+        tokenize_dataset(ds, lambda t: [0.5], eos_token_id=None)
+    with pytest.raises(ValueError, match="EOS"):
+        tokenize_dataset(ds, lambda t: [1])
+
+
+def loader(src, nw, config=PackingConfig(32, cp_multiple=4)):
+    ds = PackedIterableDataset(src, config, buffer_size=16, carry_rows=2)
+    return StatefulDataLoader(ds, batch_size=3, num_workers=nw, collate_fn=list)
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_streaming_resume_is_exact(nw, kind):
+    docs = make_docs()
+    ds = datasets.Dataset.from_dict({"input_ids": docs})
+    src = ds if kind == "map" else ds.to_iterable_dataset(num_shards=4)
+    full = [r for batch in loader(src, nw) for r in batch]
+    assert real_tokens(full) == sorted(t for d in docs for t in d)  # no loss, no duplicate
+    for row in full:
+        check_instance(row, 32)
+        assert (row["doc_lens"] % 4 == 0).all()
+    dl = loader(src, nw)
+    it = iter(dl)
+    head = [r for _ in range(5) for r in next(it)]
+    state = dl.state_dict()
+    resumed = loader(src, nw)
+    resumed.load_state_dict(state)
+    rest = [r for batch in resumed for r in batch]
+    assert len(head) + len(rest) == len(full)
+    for a, b in zip(head + rest, full):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_streaming_state_dict_round_trip_without_loader():
+    ds = datasets.Dataset.from_dict({"input_ids": make_docs(60)})
+    stream = PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8)
+    it = iter(stream)
+    head = [next(it) for _ in range(7)]
+    state = stream.state_dict()
+    metrics = stream.metrics()
+    again = PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8)
+    again.load_state_dict(state)
+    rest = list(again)
+    full = list(PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8))
+    assert [r["input_ids"].tolist() for r in head + rest] == [r["input_ids"].tolist() for r in full]
+    assert metrics["rows"] == 7 and again.metrics()["rows"] == len(full)
+    # concat with carry keeps the stream contiguous: only the very last row has padding
+    assert all(bool(r["label_mask"].all()) for r in full[:-1])
+    with pytest.raises(ValueError, match="missing keys"):
+        again.load_state_dict({"source": None})
+
+
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_split_by_node_and_workers_partition_documents(kind):
+    docs = make_docs(150)
+    ds = datasets.Dataset.from_dict({"input_ids": docs})
+    src = ds if kind == "map" else ds.to_iterable_dataset(num_shards=4)
+    seen = collections.Counter()
+    for rank in range(2):
+        node = split_dataset_by_node(src, rank=rank, world_size=2)
+        rows = [r for b in loader(node, 2, PackingConfig(24)) for r in b]
+        seen.update(real_tokens(rows))
+    assert sorted(seen.elements()) == sorted(t for d in docs for t in d)
+    assert max(seen.values()) == 1
+
+
+def test_default_corpus_bytes_round_trip_and_packing():
+    ds = load_default_corpus("pydoc", "bytes")
+    assert ds.column_names == ["name", "input_ids"] and ds.num_rows > 50
+    from pydoc_data.topics import topics
+
+    first = ds[0]
+    assert first["input_ids"][-1] == ByteTokenizer.eos_token_id
+    assert ByteTokenizer().decode(first["input_ids"]) == topics[first["name"].split(":", 1)[1]]
+    packed = PackedDataset(ds, PackingConfig(4096, cp_multiple=8))
+    m = packed.metrics()
+    assert m["tokens"] == sum(len(t.encode()) + 1 for t in topics.values())
+    assert m["docs_split"] > 0 and 0.9 < m["fill_rate"] <= 1.0
+    check_instance(packed[0], 4096)
+
+
+def test_bpe_corpus_and_files(tmp_path):
+    tok = train_bpe(1024)
+    assert tok.get_vocab_size() == 1024 and tok.token_to_id("<|endoftext|>") == 0
+    ds = load_default_corpus("pydoc", "bpe", vocab_size=1024)
+    ids = ds[0]["input_ids"]
+    from pydoc_data.topics import topics
+
+    assert ids[-1] == 0 and tok.decode(ids[:-1]) == topics[ds[0]["name"].split(":", 1)[1]]
+    assert len(ids) < len(topics[ds[0]["name"].split(":", 1)[1]]) / 2  # BPE actually merges
+    path = tmp_path / "docs.txt"
+    path.write_text("hello world\n\nsecond line here\n")
+    packed = packed_dataset_from_files(str(path), 8, tokenizer="bytes")
+    m = packed.metrics()
+    assert m["documents"] == 3 and m["empty_docs_skipped"] == 1
+    assert m["tokens"] == len("hello world") + 1 + len("second line here") + 1
+    stream = packed_dataset_from_files(str(path), 8, tokenizer="bytes", streaming=True)
+    assert [r["input_ids"].tolist() for r in stream] == [packed[i]["input_ids"].tolist() for i in range(len(packed))]
