@@ -1,0 +1,178 @@
+"""CP attention on 2 and 4 gloo processes equals single-process document-masked attention.
+
+One spawn of 4 processes runs every case: the world (W=4) and two W=2 subgroups, all three
+balancers, many random packed batches each (B >= 1, many documents, lengths that are multiples of
+nothing in particular, random ``length_multiple``). Each batch goes through the real
+``ContextParallelCollator``; ``input_ids`` are the token's position in the flattened row, so the
+collated ``input_ids`` say which token of the full row every local slot holds (-1: balancer
+padding) and q, k, v and the output gradient are sharded exactly like the tokens. Outputs and the
+gradients of q, k, v are gathered, unsharded with the collator's plans, and compared with
+:func:`varlen_attention` on the full row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from cp_data import unshard
+from cp_data.attention import cp_attention, varlen_attention
+from cp_data.attention.launch import run_gloo
+from cp_data.collate import ContextParallelCollator
+
+KINDS = ("zig_zag", "llama3", "ulysses")
+CASES_PER_KIND = 10
+HEADS, HEAD_DIM = 4, 8
+TOLERANCE = 1e-5
+CAN_REORDER = importlib.util.find_spec("cp_data.balancers.ordering") is not None
+
+
+def random_instances(rng: np.random.Generator) -> list[dict]:
+    """B packed rows of one random length S, each cut into random documents (all > 0)."""
+    batch, seq_len = int(rng.integers(1, 4)), int(rng.integers(5, 90))
+    instances = []
+    for row in range(batch):
+        num_docs = int(rng.integers(1, max(2, seq_len // 4)))
+        cuts = np.sort(rng.choice(np.arange(1, seq_len), size=num_docs - 1, replace=False))
+        doc_lens = np.diff(np.concatenate([[0], cuts, [seq_len]]))
+        instances.append(
+            dict(
+                input_ids=torch.arange(row * seq_len, (row + 1) * seq_len),
+                doc_lens=torch.from_numpy(doc_lens).long(),
+            )
+        )
+    return instances
+
+
+def random_length_multiple(rng: np.random.Generator, kind: str, world: int) -> int | None:
+    choices = {
+        "zig_zag": [None, 1, 3, 2 * world, 5],  # odd multiples give an odd final padding document
+        "llama3": [None, 2, 3],
+        "ulysses": [None, world, 3 * world],
+    }[kind]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def run_case(seed: int, kind: str, world: int, rank: int, group) -> dict | None:
+    """One random batch through the collator and CP attention; errors on the group's rank 0."""
+    rng = np.random.default_rng(seed)
+    instances = random_instances(rng)
+    collator = ContextParallelCollator(
+        load_balancer=kind,
+        cp_rank=rank,
+        cp_world_size=world,
+        pad_token_id=-1,
+        length_multiple=random_length_multiple(rng, kind, world),
+        reorder_documents=CAN_REORDER and kind == "llama3" and bool(rng.integers(2)),
+    )
+    batch = collator(instances)
+    total = sum(len(inst["input_ids"]) for inst in instances)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, grad_out = torch.randn(4, total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+
+    source = batch["input_ids"][0]
+    is_pad = source < 0
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return x[source.clamp(min=0)].masked_fill(is_pad[:, None, None], 0.0)
+
+    q_l, k_l, v_l = (local(x).requires_grad_() for x in (q, k, v))
+    out = cp_attention(q_l, k_l, v_l, batch, load_balancer=kind, group=group)
+    (out * local(grad_out)).sum().backward()
+    mine = torch.stack([out.detach(), q_l.grad, k_l.grad, v_l.grad], dim=1)
+    shards = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shards, mine, group=group)
+    if rank:
+        return None
+
+    full = collator.full_batch(instances)
+    merged = unshard(shards, collator.plans_all_ranks(full), seq_dim=0)
+    got = torch.empty_like(merged)
+    got[full.input_ids] = merged  # back to the original token order (llama3 may reorder documents)
+
+    doc_lens = torch.cat([inst["doc_lens"] for inst in instances])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), doc_lens.cumsum(0)])
+    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+    ref_out, _ = varlen_attention(qf, kf, vf, cu)
+    (ref_out * grad_out).sum().backward()
+    want = torch.stack([ref_out.detach(), qf.grad, kf.grad, vf.grad], dim=1)
+    return dict(
+        error=(got - want).abs().amax(dim=(0, 2, 3)).tolist(),
+        finite=all(bool(torch.isfinite(s).all()) for s in shards),
+        tokens=total,
+        padding=int(sum((s.shape[0] for s in shards))) - total,
+    )
+
+
+def bad_input_messages(rank: int, world: int) -> list[str]:
+    """Every rank passes metadata that does not fit its shard: each must raise, nobody hangs."""
+    x = torch.zeros(6, HEADS, HEAD_DIM, dtype=torch.float64)
+    cases = [
+        ("zig_zag", dict(cu_doc_lens=torch.tensor([0, 4, 8]), max_doc_len=4), x),
+        (
+            "llama3",
+            dict(
+                cu_doc_lens_q=torch.tensor([0, 5]),
+                cu_doc_lens_k=torch.tensor([0, 5]),
+                max_doc_len_q=5,
+                max_doc_len_k=5,
+                local_k_slice=slice(0, 5),
+            ),
+            x,
+        ),
+        ("ulysses", dict(cu_doc_lens=torch.tensor([0, 6 * world - 1]), max_doc_len=6 * world), x),
+        ("ulysses", dict(cu_doc_lens=torch.tensor([0, 6 * world]), max_doc_len=6 * world), x[:, :3]),
+    ]
+    messages = []
+    for kind, metadata, t in cases:
+        try:
+            cp_attention(t, t, t, metadata, load_balancer=kind)
+        except ValueError as err:
+            messages.append(f"{kind}: {err}")
+    dist.barrier()  # the group is still usable: nobody entered a collective
+    return messages
+
+
+def worker(rank: int, world: int, cases: int) -> dict:
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    runs = [(4, None, rank, 0), (2, pairs[rank // 2], rank % 2, 10_000 * (1 + rank // 2))]
+    results = {}
+    for size, group, sub_rank, seed0 in runs:
+        for kind in KINDS:
+            found = [run_case(seed0 + i, kind, size, sub_rank, group) for i in range(cases)]
+            if sub_rank == 0:
+                results[(kind, size, seed0)] = found
+    results["bad_input"] = bad_input_messages(rank, world)
+    return results
+
+
+@pytest.fixture(scope="module")
+def dist_results() -> list[dict]:
+    return run_gloo(worker, 4, CASES_PER_KIND, timeout=240)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cp_attention_equals_full_attention(dist_results, kind, world):
+    runs = [res for r in dist_results for key, res in r.items() if key[:2] == (kind, world)]
+    cases = [case for run in runs for case in run]
+    assert len(cases) == CASES_PER_KIND * (4 // world)
+    for case in cases:
+        assert max(case["error"]) <= TOLERANCE, (kind, world, case)
+        assert case["finite"], (kind, world, case)
+    # the random batches exercised padding added by the balancer
+    assert any(case["padding"] > 0 for case in cases)
+
+
+def test_bad_metadata_raises_on_every_rank_before_any_collective(dist_results):
+    for rank_result in dist_results:
+        messages = rank_result["bad_input"]
+        assert len(messages) == 4, messages
+        assert "cu_doc_lens ends at 8 but must end at 6" in messages[0]
+        assert "cu_doc_lens_q ends at 5 but must end at 6" in messages[1]
+        assert f"must end at {6 * 4}" in messages[2]
+        assert "heads (3) divisible by the CP group size (4)" in messages[3]
