@@ -4,12 +4,14 @@ Per-item best fit is a Python loop of ~1M steps; instead items of equal size are
 group. Within a group the best-fit choice is predictable: the bin with the smallest remaining
 capacity c >= s takes an item, is left with c - s, and — being alone in that smaller class — is
 again the best fit, so it absorbs ``c // s`` items in a row before the next bin is considered. A
-group therefore consumes whole "capacity classes" in ascending order, which is a handful of numpy
-operations per class instead of per item. The result is identical to the per-item algorithm with
+group therefore consumes whole "capacity classes" (bins grouped by remaining room, found by
+bisection in a sorted list of rooms) in ascending order: one numpy slice per class, not per item. The result is identical to the per-item algorithm with
 ties (bins of equal remaining capacity) going to the lowest bin id.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import numpy as np
 
@@ -52,49 +54,52 @@ def best_fit_decreasing(sizes, capacity: int) -> np.ndarray:
     starts = np.concatenate(([0], bounds)).tolist()
     ends = np.concatenate((bounds, [n])).tolist()
 
-    counts = np.zeros(capacity + 1, dtype=np.int64)  # bins per remaining capacity
-    members: dict[int, np.ndarray] = {}  # remaining capacity -> sorted bin ids
+    members: dict[int, np.ndarray] = {}  # remaining capacity -> sorted ids of the bins with it
+    rooms: list[int] = []  # sorted keys of `members`: bisect finds the best fit in O(log S)
     bin_of_sorted = np.empty(n, dtype=np.int64)
     num_bins = 0
     for lo, hi in zip(starts, ends):
         s = int(sorted_sizes[lo])
-        k = hi - lo
-        ids_parts: list[np.ndarray] = []
-        rep_parts: list[int] = []
+        pos, k = lo, hi - lo
         moves: dict[int, list[np.ndarray]] = {}
 
         def place(ids: np.ndarray, absorbed: int, room: int) -> None:
-            # each bin in `ids` takes `absorbed` consecutive items and is left with `room`
+            # each bin in `ids` takes the next `absorbed` items and is left with `room`
+            nonlocal pos
             if not ids.size:
                 return
-            ids_parts.append(ids)
-            rep_parts.append(absorbed)
+            end = pos + ids.size * absorbed
+            bin_of_sorted[pos:end] = ids if absorbed == 1 else np.repeat(ids, absorbed)
+            pos = end
             if room:  # a full bin never takes anything again
                 moves.setdefault(room, []).append(ids)
 
-        classes = np.flatnonzero(counts[s:]) + s
-        if classes.size:
-            per_bin = classes // s
-            cum = np.cumsum(counts[classes] * per_bin)
-            t = int(np.searchsorted(cum, k))  # classes[:t] are used up entirely
-            for c, q in zip(classes[:t].tolist(), per_bin[:t].tolist()):
-                counts[c] = 0
-                place(members.pop(c), q, c - q * s)
-            if t < classes.size:
-                c, q = int(classes[t]), int(per_bin[t])
-                left = k - (int(cum[t - 1]) if t else 0)
-                full, rest = divmod(left, q)
-                ids = members.pop(c)
-                place(ids[:full], q, c - q * s)
-                if rest:
-                    place(ids[full : full + 1], rest, c - rest * s)
-                    full += 1
-                if full < ids.size:
-                    members[c] = ids[full:]
-                counts[c] = ids.size - full
-                k = 0
+        first = bisect.bisect_left(rooms, s)
+        used_up = 0
+        for c in rooms[first:]:  # ascending: the best fit first
+            ids = members[c]
+            q = c // s
+            if ids.size * q <= k:
+                place(ids, q, c - q * s)
+                k -= ids.size * q
+                used_up += 1
+                del members[c]
+                if not k:
+                    break
+                continue
+            full, rest = divmod(k, q)
+            place(ids[:full], q, c - q * s)
+            if rest:
+                place(ids[full : full + 1], rest, c - rest * s)
+                full += 1
+            if full < ids.size:
+                members[c] = ids[full:]
             else:
-                k -= int(cum[-1])
+                del members[c]
+                used_up += 1
+            k = 0
+            break
+        del rooms[first : first + used_up]
         if k:  # open new bins, each absorbing as many items as fit
             q = capacity // s
             full, rest = divmod(k, q)
@@ -104,16 +109,16 @@ def best_fit_decreasing(sizes, capacity: int) -> np.ndarray:
                 place(np.array([num_bins], dtype=np.int64), rest, capacity - rest * s)
                 num_bins += 1
 
-        reps = np.repeat(np.asarray(rep_parts, dtype=np.int64), [a.size for a in ids_parts])
-        bin_of_sorted[lo:hi] = np.repeat(np.concatenate(ids_parts), reps)
         for room, parts in moves.items():
             if room in members:
                 parts.append(members[room])
-            merged = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            else:
+                bisect.insort(rooms, room)
             if len(parts) > 1:
-                merged.sort()
-            members[room] = merged
-            counts[room] = merged.size
+                members[room] = np.concatenate(parts)
+                members[room].sort()
+            else:
+                members[room] = parts[0]
 
     bins = np.empty(n, dtype=np.int64)
     bins[order] = bin_of_sorted
