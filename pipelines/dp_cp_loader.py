@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"world size {world} is not divisible by --cp {args.cp}")
     mesh = init_device_mesh("cpu", (world // args.cp, args.cp), mesh_dim_names=("dp", "cp"))
     with tempfile.TemporaryDirectory() as tmp:
-        # Rank 0 picks the files; every rank packs them (each with its own HF cache, no races).
+        # Rank 0 picks the files; every rank packs them into its own HF cache.
         shared = [str(args.data_dir) if args.data_dir else None]
         if rank == 0 and args.data_dir is None:
             write_sample_corpus(Path(tmp))
@@ -78,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         dist.broadcast_object_list(shared, src=0)
         files = sorted(str(p) for p in Path(shared[0]).glob("*.txt"))
         packing = PackingConfig(seq_len=args.seq_len, cp_multiple=2 * args.cp)
+        if rank:  # rank 0 goes first, so shared HF caches (builder modules) are not set up concurrently
+            dist.barrier()
         dataset = IndexedDataset(
             packed_dataset_from_files(
                 files, packing, tokenizer="bytes", sample_by=args.sample_by, cache_dir=Path(tmp) / f"rank{rank}"
             )
         )
+        if not rank:
+            dist.barrier()
         config = ContextParallelLoaderConfig(
             batch_size=args.batch_size, load_balancer=args.load_balancer, num_workers=args.num_workers
         )

@@ -1,0 +1,113 @@
+"""DP=2 x CP=2 on 4 gloo processes: CP ranks share one global batch, DP groups differ."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+
+from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, dp_cp_coordinates, verify_dp_cp_batch
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 4
+TIMEOUT_S = 120
+
+CONFIGS = [
+    dict(load_balancer="zig_zag"),
+    dict(load_balancer="llama3", length_multiple=4),
+    dict(load_balancer="ulysses", num_workers=2),
+    dict(load_balancer="zig_zag", document_masking=False),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expect_failure(fn, match: str) -> str:
+    try:
+        fn()
+    except RuntimeError as err:
+        if match not in str(err):
+            raise
+        return "raised"
+    raise AssertionError(f"expected a RuntimeError containing {match!r}")
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from test_loader import Synthetic  # the synthetic packed dataset of the loader tests
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+        coords = dp_cp_coordinates(mesh)
+        assert coords == (rank // 2, 2, rank % 2, 2), coords
+        data = IndexedDataset([{k: v for k, v in item.items() if k != "index"} for item in Synthetic(n=30).items])
+        lines = []
+        for options in CONFIGS:
+            cfg = ContextParallelLoaderConfig(batch_size=3, seed=7, **options)
+            loader = cfg.build(data, mesh=mesh)
+            for step, batch in zip(range(3), loader):
+                summary = verify_dp_cp_batch(batch, dataset=data, collator=loader.collate_fn, mesh=mesh)
+                lines.append(f"{options['load_balancer']} {step} {summary['dp_rank']} {summary['cp_rank']} "
+                             f"{summary['indices']}")
+        # The checks catch CP ranks that drew different batches, and DP groups that drew the same.
+        cfg = ContextParallelLoaderConfig(batch_size=3, seed=rank % 2)
+        batch = next(iter(cfg.build(data, mesh=mesh)))
+        lines.append(_expect_failure(
+            lambda: verify_dp_cp_batch(batch, dataset=data, collator=cfg.collator(rank % 2, 2), mesh=mesh),
+            "drew samples",
+        ))
+        cfg = ContextParallelLoaderConfig(batch_size=3)
+        batch = next(iter(cfg.build(data, dp_rank=0, dp_world_size=2, cp_rank=rank % 2, cp_world_size=2)))
+        lines.append(_expect_failure(
+            lambda: verify_dp_cp_batch(batch, dataset=data, collator=cfg.collator(rank % 2, 2), mesh=mesh),
+            "got the same data",
+        ))
+        Path(out_dir, f"rank{rank}.txt").write_text("\n".join(lines))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dp_cp_groups_with_four_gloo_processes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # spawned workers import test_loader
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    ctx = mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 4 gloo processes did not finish within {TIMEOUT_S} s")
+    results = [Path(tmp_path, f"rank{r}.txt").read_text().splitlines() for r in range(WORLD)]
+    for r, lines in enumerate(results):
+        assert lines[-2:] == ["raised", "raised"]
+        assert len(lines) == 2 + 3 * len(CONFIGS)
+        assert all(line.split()[2:4] == [str(r // 2), str(r % 2)] for line in lines[:-2])
+    # cp ranks of a dp group print the same samples; the two dp groups print different ones
+    same_group = [[line.split(maxsplit=4)[4] for line in lines[:-2]] for lines in results]
+    assert same_group[0] == same_group[1] and same_group[2] == same_group[3]
+    assert all(a != b for a, b in zip(same_group[0], same_group[2]))
+
+
+def test_pipeline_script_under_torchrun(tmp_path):
+    env = dict(os.environ, CP_DATA_CACHE=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(REPO / "pipelines" / "dp_cp_loader.py"), "--steps", "2", "--seq-len", "512"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = re.findall(r"step \d rank \d dp \d cp \d samples", proc.stdout)  # lines may interleave
+    assert len(steps) == 2 * WORLD
+    assert "OK: 2 steps" in proc.stdout
