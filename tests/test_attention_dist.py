@@ -125,7 +125,11 @@ def bad_input_messages(rank: int, world: int) -> list[str]:
             x,
         ),
         ("ulysses", dict(cu_doc_lens=torch.tensor([0, 6 * world - 1]), max_doc_len=6 * world), x),
-        ("ulysses", dict(cu_doc_lens=torch.tensor([0, 6 * world]), max_doc_len=6 * world), x[:, :3]),
+        (
+            "ulysses",
+            dict(cu_doc_lens=torch.tensor([0, 6 * world]), max_doc_len=6 * world),
+            x[:, :3],
+        ),
     ]
     messages = []
     for kind, metadata, t in cases:

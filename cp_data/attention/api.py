@@ -42,7 +42,9 @@ def _balancer_kind(load_balancer: Any, group: Any) -> RingAttentionLoadBalancerT
             f"the load balancer is for rank {load_balancer.cp_rank} of {load_balancer.cp_world_size} "
             f"but this process is rank {rank} of {size} in the CP group"
         )
-    return next(k for k in RingAttentionLoadBalancerType if isinstance(load_balancer, k.balancer_class))
+    return next(
+        k for k in RingAttentionLoadBalancerType if isinstance(load_balancer, k.balancer_class)
+    )
 
 
 def cp_attention(

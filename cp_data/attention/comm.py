@@ -87,7 +87,9 @@ class _AllToAll(torch.autograd.Function):
     """Split ``scatter_dim`` over the ranks and concatenate what arrives along ``gather_dim``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any
+    ) -> torch.Tensor:
         ctx.dims, ctx.group = (scatter_dim, gather_dim), group
         return _all_to_all(x, scatter_dim, gather_dim, group)
 
@@ -97,6 +99,8 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
 
 
-def all_to_all_with_grad(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any = None) -> torch.Tensor:
+def all_to_all_with_grad(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any = None
+) -> torch.Tensor:
     """Differentiable all-to-all: the backward is the reverse all-to-all."""
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)

@@ -28,7 +28,9 @@ def _check_llama3(q, k, v, cu_q, cu_k, max_q, max_k, local_k_slice, size):
             f"({size} ranks x {q.shape[0]})"
         )
     cu_q = check_cu(cu_q, q.shape[0], "cu_doc_lens_q")
-    cu_k = check_cu(cu_k, stop - start, "cu_doc_lens_k", f"the length of local_k_slice {local_k_slice!r}")
+    cu_k = check_cu(
+        cu_k, stop - start, "cu_doc_lens_k", f"the length of local_k_slice {local_k_slice!r}"
+    )
     if len(cu_q) != len(cu_k):
         raise ValueError(
             f"cu_doc_lens_q has {len(cu_q) - 1} documents but cu_doc_lens_k has {len(cu_k) - 1}"
@@ -71,7 +73,9 @@ def llama3_attention(
         q, k, v, cu_doc_lens_q, cu_doc_lens_k, max_doc_len_q, max_doc_len_k, local_k_slice, size
     )
     kv = all_gather_with_grad(torch.stack([k, v], dim=1), group)[k_slice]
-    out, _ = varlen_attention(q, kv[:, 0], kv[:, 1], cu_q, cu_k, causal=True, softmax_scale=softmax_scale)
+    out, _ = varlen_attention(
+        q, kv[:, 0], kv[:, 1], cu_q, cu_k, causal=True, softmax_scale=softmax_scale
+    )
     return out
 
 
@@ -98,7 +102,9 @@ def ulysses_attention(
         raise ValueError(
             f"ulysses attention needs heads ({q.shape[1]}) divisible by the CP group size ({size})"
         )
-    cu = check_cu(cu_doc_lens, q.shape[0] * size, "cu_doc_lens", f"{size} ranks x {q.shape[0]} local tokens")
+    cu = check_cu(
+        cu_doc_lens, q.shape[0] * size, "cu_doc_lens", f"{size} ranks x {q.shape[0]} local tokens"
+    )
     check_max_len(max_doc_len, cu, "max_doc_len")
     # heads are dim 2 of the stacked [3, T, H, D]; the sequence comes back along dim 1
     qkv = all_to_all_with_grad(torch.stack([q, k, v]), scatter_dim=2, gather_dim=1, group=group)

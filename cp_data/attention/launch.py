@@ -65,7 +65,11 @@ def run_gloo(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) 
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and r not in outputs
+                ]
                 if dead:
                     raise RuntimeError(f"gloo worker(s) {dead} exited without a result") from None
                 continue

@@ -39,7 +39,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: str | N
         )
 
 
-def check_cu(cu: torch.Tensor, length: int, name: str, what: str = "the tokens of q") -> torch.Tensor:
+def check_cu(
+    cu: torch.Tensor, length: int, name: str, what: str = "the tokens of q"
+) -> torch.Tensor:
     """Validate cumulative lengths that must end at ``length`` (``what``); return them as int64."""
     if not isinstance(cu, torch.Tensor) or cu.ndim != 1 or not len(cu):
         shape = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
@@ -48,7 +50,9 @@ def check_cu(cu: torch.Tensor, length: int, name: str, what: str = "the tokens o
         raise ValueError(f"{name} must have an integer dtype, got {cu.dtype}")
     values = cu.detach().cpu().long()
     if values[0] != 0 or bool((values.diff() < 0).any()):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:12].tolist()}")
+        raise ValueError(
+            f"{name} must start at 0 and be non-decreasing, got {values[:12].tolist()}"
+        )
     if values[-1] != length:
         raise ValueError(f"{name} ends at {int(values[-1])} but must end at {length} ({what})")
     return values
@@ -159,7 +163,11 @@ def varlen_attention(
     """
     check_qkv(q, k, v)
     cu_q = check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    cu_k = cu_q if cu_seqlens_k is None else check_cu(cu_seqlens_k, k.shape[0], "cu_seqlens_k", "the tokens of k")
+    cu_k = (
+        cu_q
+        if cu_seqlens_k is None
+        else check_cu(cu_seqlens_k, k.shape[0], "cu_seqlens_k", "the tokens of k")
+    )
     if len(cu_q) != len(cu_k):
         raise ValueError(
             f"cu_seqlens_q has {len(cu_q) - 1} documents but cu_seqlens_k has {len(cu_k) - 1}"

@@ -77,7 +77,9 @@ class _ZigZagRing(torch.autograd.Function):
             mask = _step_mask(masks, step, rank)
             block_out, block_lse = masked_attention(q, kv[0], kv[1], mask, scale)
             # step 0 includes every query's own key, so lse is finite from then on
-            out, lse = (block_out, block_lse) if out is None else _merge(out, lse, block_out, block_lse)
+            out, lse = (
+                (block_out, block_lse) if out is None else _merge(out, lse, block_out, block_lse)
+            )
             if step + 1 < size:
                 kv = ring.wait()
         ctx.save_for_backward(q, k, v, out, lse)
