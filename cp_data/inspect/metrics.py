@@ -1,0 +1,376 @@
+"""Per-rank figures of a sharded batch: tokens, padding, documents and causal attention work.
+
+Everything is computed from the balancers' own :class:`~cp_data.ShardPlan` objects (which global
+position each shard slot reads), vectorised over positions.
+
+**Attention work** is the number of query-key pairs a rank's causal, document-masked attention
+computes: a query at offset ``p`` of its document sees ``p + 1`` keys. Queries of real documents
+count as ``work``. Queries on padding count separately as ``padding_work``: the balancer's
+padding (llama3/ulysses: one document at the end of the row; zig_zag: the end of each document
+padded to a multiple of 2W, plus the final document when ``length_multiple`` is given) attends
+like a document of its own, with its offset inside that padded document; padding carried by the
+instances (``padding_mask``) counts where it lies. Padding never adds work to a real query: it
+always sits after the real tokens of its document.
+
+For **ulysses** the all-to-all gives every rank the whole sequence for ``H / W`` heads, so each
+rank computes ``total / W`` of the work whatever tokens it holds; ``tokens``, ``padding`` and
+``documents`` still describe the shard it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cp_data.balancers import PAD, RingAttentionLoadBalancerType, ShardPlan
+from cp_data.balancers.ordering import llama3_balanced_order
+
+__all__ = [
+    "BatchRow",
+    "ShardMetrics",
+    "BalancerComparison",
+    "ShardMap",
+    "row_from_instances",
+    "shard_metrics",
+    "compare_balancers",
+    "shard_map",
+    "REORDERED",
+]
+
+REORDERED = "llama3_reordered"
+"""Name of the llama3 entry whose documents were ordered by ``llama3_balanced_order``."""
+
+_ULYSSES = RingAttentionLoadBalancerType.ulysses
+_ZIG_ZAG = RingAttentionLoadBalancerType.zig_zag
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """The global (flattened) row of a batch: document boundaries and which tokens are padding."""
+
+    cu_doc_lens: np.ndarray
+    """int64 [n + 1]: document boundaries of the row."""
+    padding_mask: np.ndarray
+    """bool [N]: True on padding that the instances carry."""
+    input_ids: np.ndarray | None = None
+    """int64 [N] token ids, when known."""
+
+    @property
+    def doc_lens(self) -> np.ndarray:
+        """int64 [n]: document lengths."""
+        return np.diff(self.cu_doc_lens)
+
+    def reordered(self, perm: np.ndarray) -> "BatchRow":
+        """The row with its documents in the order ``perm`` (documents stay whole)."""
+        lens = self.doc_lens[perm]
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        # Source of each new position: its document's old start plus its offset.
+        source = np.repeat(self.cu_doc_lens[:-1][perm] - cu[:-1], lens) + np.arange(cu[-1])
+        ids = None if self.input_ids is None else self.input_ids[source]
+        return BatchRow(cu, self.padding_mask[source], ids)
+
+
+def _as_cu(cu_doc_lens: Any) -> np.ndarray:
+    cu = cu_doc_lens.numpy() if isinstance(cu_doc_lens, torch.Tensor) else np.asarray(cu_doc_lens)
+    if cu.ndim != 1 or cu.size < 1:
+        raise ValueError(f"cu_doc_lens must be a non-empty 1-D sequence, got shape {tuple(cu.shape)}")
+    if cu.size and not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"cu_doc_lens must hold integers, got dtype {cu.dtype}")
+    cu = cu.astype(np.int64)
+    if cu[0] != 0 or (np.diff(cu) < 0).any():
+        raise ValueError(f"cu_doc_lens must start at 0 and not decrease, got {cu[:8].tolist()}")
+    return cu
+
+
+def as_row(batch: BatchRow | Any, padding_mask: Any = None) -> BatchRow:
+    """A :class:`BatchRow` from a row or from ``cu_doc_lens`` (+ optional padding mask)."""
+    if isinstance(batch, BatchRow):
+        return batch
+    cu = _as_cu(batch)
+    if padding_mask is None:
+        mask = np.zeros(int(cu[-1]), dtype=bool)
+    else:
+        mask = np.asarray(padding_mask, dtype=bool)
+        if mask.shape != (int(cu[-1]),):
+            raise ValueError(f"padding_mask has shape {mask.shape}, expected ({int(cu[-1])},)")
+    return BatchRow(cu, mask)
+
+
+def row_from_instances(instances: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> BatchRow:
+    """The flattened row of B packed instances (SPEC §3), as the collator builds it.
+
+    Instance padding is where ``label_mask`` is False and the token is ``pad_token_id`` (what the
+    packing datasets write); without ``label_mask`` nothing is padding.
+    """
+    if not instances:
+        raise ValueError("no instances: a batch needs at least one packed instance")
+    for i, inst in enumerate(instances):
+        for key in ("input_ids", "doc_lens"):
+            if key not in inst:
+                raise ValueError(f"instance {i}: missing required key {key!r}")
+    ids = np.concatenate([np.asarray(inst["input_ids"], dtype=np.int64) for inst in instances])
+    lens = np.concatenate([np.asarray(inst["doc_lens"], dtype=np.int64) for inst in instances])
+    if int(lens.sum()) != ids.size or (lens <= 0).any():
+        raise ValueError(f"doc_lens must be > 0 and sum to the {ids.size} tokens of the batch")
+    masks = [
+        np.asarray(inst["label_mask"], dtype=bool) if "label_mask" in inst else np.ones(len(inst["input_ids"]), bool)
+        for inst in instances
+    ]
+    padding = ~np.concatenate(masks) & (ids == pad_token_id)
+    return BatchRow(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), padding, ids)
+
+
+@dataclass(frozen=True)
+class ShardMetrics:
+    """Per-rank figures of one balancer on one batch (arrays of length W, rank order)."""
+
+    balancer: str
+    cp_world_size: int
+    seq_len: int
+    tokens: np.ndarray
+    """Real (non-padding) tokens each rank holds."""
+    padding: np.ndarray
+    """Padding positions each rank holds (balancer padding plus the instances' own)."""
+    documents: np.ndarray
+    """Real documents with at least one token on the rank."""
+    work: np.ndarray
+    """Causal query-key pairs of real queries the rank computes (float64)."""
+    padding_work: np.ndarray
+    """Causal query-key pairs of padding queries the rank computes (float64)."""
+
+    @property
+    def work_imbalance(self) -> float:
+        """max / mean of ``work`` over ranks (1.0 is perfect balance)."""
+        return _imbalance(self.work)
+
+    @property
+    def token_imbalance(self) -> float:
+        """max / mean of ``tokens`` over ranks."""
+        return _imbalance(self.tokens)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padding positions over all positions of all shards."""
+        total = self.tokens.sum() + self.padding.sum()
+        return float(self.padding.sum() / total) if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types, ready for JSON."""
+        return dict(
+            balancer=self.balancer,
+            cp_world_size=self.cp_world_size,
+            seq_len=self.seq_len,
+            tokens=self.tokens.tolist(),
+            padding=self.padding.tolist(),
+            documents=self.documents.tolist(),
+            work=self.work.tolist(),
+            padding_work=self.padding_work.tolist(),
+            work_imbalance=self.work_imbalance,
+            token_imbalance=self.token_imbalance,
+            padding_fraction=self.padding_fraction,
+        )
+
+    def render(self) -> str:
+        """A per-rank text table."""
+        lines = [f"{self.balancer}: work imbalance {self.work_imbalance:.3f}, "
+                 f"token imbalance {self.token_imbalance:.3f}, padding {self.padding_fraction:.2%}",
+                 f"  {'rank':>4} {'tokens':>8} {'padding':>8} {'docs':>5} {'work':>12} {'pad work':>10}"]
+        for r in range(self.cp_world_size):
+            lines.append(
+                f"  {r:>4} {self.tokens[r]:>8} {self.padding[r]:>8} {self.documents[r]:>5} "
+                f"{self.work[r]:>12,.0f} {self.padding_work[r]:>10,.0f}"
+            )
+        return "\n".join(lines)
+
+
+def _imbalance(values: np.ndarray) -> float:
+    mean = float(np.mean(values)) if len(values) else 0.0
+    return float(np.max(values) / mean) if mean > 0 else 1.0
+
+
+def _plans(kind: RingAttentionLoadBalancerType, cu: np.ndarray, world: int, length_multiple: int | None):
+    balancer = kind.create(cp_rank=0, cp_world_size=world)
+    return balancer.plan_all_ranks(int(cu[-1]), torch.from_numpy(cu), length_multiple=length_multiple)
+
+
+def _padding_offsets(kind: RingAttentionLoadBalancerType, plan: ShardPlan, num_docs: int) -> np.ndarray:
+    """Offset of each balancer padding slot of ``plan`` inside the padded document it belongs to."""
+    index = plan.index.numpy()
+    slots = np.flatnonzero(index == PAD)
+    if kind is not _ZIG_ZAG:
+        # One padding document at the end of the row; rank r's slice starts at r * local_len.
+        return plan.cp_rank * plan.local_len + slots - plan.seq_len
+    local_cu = plan.metadata["cu_doc_lens"].numpy().astype(np.int64)
+    doc = np.searchsorted(local_cu, slots, side="right") - 1
+    within = slots - local_cu[doc]
+    half = (local_cu[np.minimum(doc + 1, len(local_cu) - 1)] - local_cu[doc]) // 2
+    r, chunks = plan.cp_rank, 2 * plan.cp_world_size
+    # The rank's chunks of a document are r and 2W-1-r; the final (length_multiple) document is flat.
+    zig = np.where(within < half, r * half + within, (chunks - 1 - r) * half + within - half)
+    return np.where(doc < num_docs, zig, within)
+
+
+def shard_metrics(
+    batch: BatchRow | Any,
+    balancer: RingAttentionLoadBalancerType | str,
+    cp_world_size: int,
+    *,
+    length_multiple: int | None = None,
+    padding_mask: Any = None,
+) -> ShardMetrics:
+    """Per-rank tokens, padding, documents and causal work of ``balancer`` on one batch.
+
+    ``batch`` is a :class:`BatchRow` or the ``cu_doc_lens`` of the global row (then
+    ``padding_mask`` optionally marks the instances' padding). See the module docstring for how
+    work is counted.
+    """
+    kind = RingAttentionLoadBalancerType.parse(balancer)
+    row = as_row(batch, padding_mask)
+    cu = row.cu_doc_lens
+    n_docs = len(cu) - 1
+    lens = np.diff(cu)
+    doc_id = np.repeat(np.arange(n_docs), lens)
+    offset_work = np.arange(int(cu[-1])) - np.repeat(cu[:-1], lens) + 1.0
+    pad = row.padding_mask
+    # A document made only of padding is not a document.
+    real_doc = np.bincount(doc_id, weights=~pad, minlength=n_docs) > 0
+    stats = np.zeros((5, cp_world_size))
+    for r, plan in enumerate(_plans(kind, cu, cp_world_size, length_multiple)):
+        src = plan.index.numpy()
+        src = src[src != PAD]
+        is_pad = pad[src]
+        touched = np.unique(doc_id[src[~is_pad]])
+        stats[:, r] = (
+            (~is_pad).sum(),
+            is_pad.sum() + plan.num_padding,
+            real_doc[touched].sum(),
+            offset_work[src[~is_pad]].sum(),
+            offset_work[src[is_pad]].sum() + (_padding_offsets(kind, plan, n_docs) + 1.0).sum(),
+        )
+    if kind is _ULYSSES:
+        stats[3:] = stats[3:].sum(axis=1, keepdims=True) / cp_world_size
+    ints = stats[:3].astype(np.int64)
+    return ShardMetrics(kind.value, cp_world_size, int(cu[-1]), *ints, stats[3], stats[4])
+
+
+@dataclass(frozen=True)
+class BalancerComparison:
+    """Several balancers on the same batch, side by side."""
+
+    metrics: dict[str, ShardMetrics]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{balancer: ShardMetrics.to_dict()}``."""
+        return {name: m.to_dict() for name, m in self.metrics.items()}
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per balancer: imbalances, the busiest rank's work, padding."""
+        return [
+            dict(balancer=name, work_imbalance=m.work_imbalance, token_imbalance=m.token_imbalance,
+                 max_work=float(m.work.max()), padding=int(m.padding.sum()),
+                 padding_fraction=m.padding_fraction, padding_work=float(m.padding_work.sum()))
+            for name, m in self.metrics.items()
+        ]
+
+    def render(self, per_rank: bool = False) -> str:
+        """A text table (and each balancer's per-rank table when ``per_rank``)."""
+        head = f"{'balancer':<18} {'work max/mean':>13} {'tokens max/mean':>15} {'max work':>12} {'padding':>8}"
+        lines = [head, "-" * len(head)]
+        for s in self.summary():
+            lines.append(
+                f"{s['balancer']:<18} {s['work_imbalance']:>13.3f} {s['token_imbalance']:>15.3f} "
+                f"{s['max_work']:>12,.0f} {s['padding']:>8}"
+            )
+        if per_rank:
+            lines += [""] + [m.render() + "\n" for m in self.metrics.values()]
+        return "\n".join(lines).rstrip()
+
+    __str__ = render
+
+
+def compare_balancers(
+    batch: BatchRow | Any,
+    cp_world_size: int,
+    balancers: Iterable[RingAttentionLoadBalancerType | str] | None = None,
+    *,
+    length_multiple: int | None = None,
+    padding_mask: Any = None,
+    reorder: bool = True,
+) -> BalancerComparison:
+    """:func:`shard_metrics` of every balancer (default: all) on the same batch.
+
+    With ``reorder`` and llama3 among them, a ``"llama3_reordered"`` entry shows llama3 after
+    :func:`~cp_data.balancers.ordering.llama3_balanced_order` (what
+    ``ContextParallelCollator(reorder_documents=True)`` does).
+    """
+    row = as_row(batch, padding_mask)
+    kinds = [RingAttentionLoadBalancerType.parse(b) for b in (balancers or RingAttentionLoadBalancerType)]
+    out = {k.value: shard_metrics(row, k, cp_world_size, length_multiple=length_multiple) for k in kinds}
+    if reorder and RingAttentionLoadBalancerType.llama3 in kinds:
+        perm = llama3_balanced_order(row.doc_lens, cp_world_size, length_multiple)
+        m = shard_metrics(row.reordered(perm), "llama3", cp_world_size, length_multiple=length_multiple)
+        out[REORDERED] = ShardMetrics(REORDERED, *[getattr(m, f) for f in _FIELDS[1:]])
+    return BalancerComparison(out)
+
+
+_FIELDS = ("balancer", "cp_world_size", "seq_len", "tokens", "padding", "documents", "work", "padding_work")
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """Which rank holds each position of the global row."""
+
+    balancer: str
+    cp_world_size: int
+    cu_doc_lens: np.ndarray
+    rank: np.ndarray
+    """int64 [N]: the rank holding each global position."""
+    local_position: np.ndarray
+    """int64 [N]: where in that rank's shard the position lands."""
+    padding: np.ndarray
+    """int64 [W]: balancer padding slots per rank (they have no global position)."""
+
+    def doc_rank_tokens(self) -> np.ndarray:
+        """int64 [n_docs, W]: tokens of each document on each rank."""
+        lens = np.diff(self.cu_doc_lens)
+        doc = np.repeat(np.arange(len(lens)), lens)
+        flat = doc * self.cp_world_size + self.rank
+        counts = np.bincount(flat, minlength=len(lens) * self.cp_world_size)
+        return counts.reshape(len(lens), self.cp_world_size)
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Maximal runs of positions held by one rank within one document: (start, length, rank)."""
+        n = self.rank.size
+        cut = np.zeros(n, dtype=bool)
+        if n:
+            cut[0] = True
+            cut[1:] = self.rank[1:] != self.rank[:-1]
+            cut[self.cu_doc_lens[:-1][self.cu_doc_lens[:-1] < n]] = True
+        starts = np.flatnonzero(cut)
+        return starts, np.diff(np.append(starts, n)), self.rank[starts]
+
+
+def shard_map(
+    batch: BatchRow | Any,
+    balancer: RingAttentionLoadBalancerType | str,
+    cp_world_size: int,
+    *,
+    length_multiple: int | None = None,
+) -> ShardMap:
+    """The :class:`ShardMap` of ``balancer`` on a batch (``cu_doc_lens`` or a :class:`BatchRow`)."""
+    kind = RingAttentionLoadBalancerType.parse(balancer)
+    cu = as_row(batch).cu_doc_lens
+    n = int(cu[-1])
+    rank = np.full(n, -1, dtype=np.int64)
+    local = np.full(n, -1, dtype=np.int64)
+    padding = np.zeros(cp_world_size, dtype=np.int64)
+    for r, plan in enumerate(_plans(kind, cu, cp_world_size, length_multiple)):
+        index = plan.index.numpy()
+        slots = np.flatnonzero(index != PAD)
+        rank[index[slots]] = r
+        local[index[slots]] = slots
+        padding[r] = plan.num_padding
+    return ShardMap(kind.value, cp_world_size, cu, rank, local, padding)
