@@ -118,6 +118,15 @@ def flat_labels(input_ids: torch.Tensor, next_ok: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def document_positions(doc_starts: torch.Tensor, doc_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each token's position inside its document, for consecutive documents of ``doc_lens`` > 0."""
+    # One cumsum of +1 steps that drop back to 0 at every document start (cheaper than repeat_interleave).
+    steps = torch.ones(num_tokens, dtype=torch.int64)
+    steps[0] = 0
+    steps[doc_starts[1:]] = 1 - doc_lens[:-1]
+    return steps.cumsum_(0)
+
+
 @dataclass(kw_only=True)
 class ContextParallelCollator:
     """Collate packed instances into the batch of one context-parallel rank (SPEC §2-3).
@@ -197,7 +206,7 @@ class ContextParallelCollator:
         cu = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
         torch.cumsum(doc_lens, 0, out=cu[1:])
         doc_starts = cu[:-1].long()
-        positions = torch.arange(len(input_ids)) - doc_starts.repeat_interleave(doc_lens)
+        positions = document_positions(doc_starts, doc_lens, len(input_ids))
         # Every document is non-empty, so token i+1 starts a document exactly where its position is 0.
         next_ok = positions[1:] != 0
         if masks is not None:
@@ -228,7 +237,7 @@ class ContextParallelCollator:
         cu = torch.zeros(n + 1, dtype=torch.int32)
         torch.cumsum(new_lens, 0, out=cu[1:])
         # Source of token j of the new row: its document's old start plus its (unchanged) position.
-        new_positions = torch.arange(len(input_ids)) - cu[:-1].long().repeat_interleave(new_lens)
+        new_positions = document_positions(cu[:-1].long(), new_lens, len(input_ids))
         source = doc_starts[perm_t].repeat_interleave(new_lens) + new_positions
         return input_ids[source], labels[source], new_positions, cu
 

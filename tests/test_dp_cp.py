@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("torchdata")  # the optional hf extra
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
