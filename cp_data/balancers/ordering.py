@@ -96,6 +96,7 @@ def _move_scores(lens: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     ends = np.cumsum(lens)
     starts = ends - lens
     work = _tri(lens)
+    done = np.cumsum(work)  # F at each document's end; F at its start is done - work
     inner = bounds[1:-1][None, :]
     base = prefix(inner)
     ii, jj = np.nonzero(~np.eye(n, dtype=bool))
@@ -103,39 +104,43 @@ def _move_scores(lens: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     lo, hi = np.minimum(starts[ii], starts[jj]), np.maximum(ends[ii], ends[jj])
     cuts = ((inner >= lo[:, None]) & (inner < hi[:, None])).any(axis=1)
     ii, jj = ii[cuts], jj[cuts]
-    si, ei, di, wi = starts[ii, None], ends[ii, None], lens[ii, None], work[ii, None]
-    sj, ej, dj, wj = starts[jj, None], ends[jj, None], lens[jj, None], work[jj, None]
 
-    # Move i to position j: the block between them shifts by one document.
-    fwd = jj[:, None] > ii[:, None]
-    lo = np.where(fwd, si, sj)
-    hi = np.where(fwd, ej, ei)
+    def cols(k: np.ndarray) -> tuple[np.ndarray, ...]:
+        return starts[k, None], ends[k, None], lens[k, None], work[k, None], done[k, None]
+
+    # Move i forward to position j > i: documents i+1..j shift left by d_i, i ends the block.
+    f = jj > ii
+    si, ei, di, wi, _ = cols(ii[f])
+    sj, ej, dj, wj, Fj = cols(jj[f])
     tail = ej - di
-    moved_fwd = np.where(inner < tail, prefix(inner + di) - wi, prefix(ej) - wi + _tri(inner - tail))
+    inside = (inner >= si) & (inner < ej)
+    fwd = np.where(inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + _tri(inner - tail)), base)
+    # Move i back to position j < i: i starts the block, documents j..i-1 shift right by d_i.
+    b = ~f
+    si, ei, di, wi, _ = cols(ii[b])
+    sj, ej, dj, wj, Fj = cols(jj[b])
     head = sj + di
-    moved_bwd = np.where(inner < head, prefix(sj) + _tri(inner - sj), prefix(inner - di) + wi)
-    moved = np.where(fwd, moved_fwd, moved_bwd)
-    moved = np.where((inner >= lo) & (inner < hi), moved, base)
-
+    inside = (inner >= sj) & (inner < ei)
+    bwd = np.where(inside, np.where(inner < head, Fj - wj + _tri(inner - sj), prefix(inner - di) + wi), base)
     # Swap i < j: j takes i's place, the documents between shift by d_j - d_i.
-    sw = ii < jj
-    si, ei, di, wi = si[sw], ei[sw], di[sw], wi[sw]
-    sj, ej, dj, wj = sj[sw], ej[sw], dj[sw], wj[sw]
+    si, ei, di, wi, Fi = cols(ii[f])
+    sj, ej, dj, wj, Fj = cols(jj[f])
+    inside = (inner >= si) & (inner < ej)
     swapped = np.where(
         inner < si + dj,
-        prefix(si) + _tri(inner - si),
-        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, prefix(ej) - wi + _tri(inner - ej + di)),
+        Fi - wi + _tri(inner - si),
+        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, Fj - wi + _tri(inner - ej + di)),
     )
-    swapped = np.where((inner >= si) & (inner < ej), swapped, base)
+    swapped = np.where(inside, swapped, base)
 
     total = work.sum()
-    prefixes = np.concatenate([swapped, moved])
+    prefixes = np.concatenate([swapped, fwd, bwd])
     works = np.diff(
         np.concatenate([np.zeros((len(prefixes), 1)), prefixes, np.full((len(prefixes), 1), total)], axis=1),
         axis=1,
     )
-    kinds = np.concatenate([np.zeros(sw.sum(), dtype=np.int8), np.ones(len(ii), dtype=np.int8)])
-    return _score(works), kinds, np.concatenate([ii[sw], ii]), np.concatenate([jj[sw], jj])
+    kinds = np.repeat(np.array([0, 1, 1], dtype=np.int8), [f.sum(), f.sum(), b.sum()])
+    return _score(works), kinds, np.concatenate([ii[f], ii[f], ii[b]]), np.concatenate([jj[f], jj[f], jj[b]])
 
 
 def _apply(order: np.ndarray, kind: int, i: int, j: int) -> np.ndarray:

@@ -75,7 +75,7 @@ def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> tuple[n
         raise ShardingError(f"cu_doc_lens must be a torch.Tensor, got {type(cu_doc_lens).__name__}")
     if cu_doc_lens.ndim != 1:
         raise ShardingError(f"cu_doc_lens must be 1-D, got shape {tuple(cu_doc_lens.shape)}")
-    if cu_doc_lens.device.type != "cpu":
+    if not cu_doc_lens.is_cpu:
         raise ShardingError(f"cu_doc_lens must be on CPU, got device {cu_doc_lens.device}")
     if cu_doc_lens.dtype not in _NUMPY_INT_DTYPES:
         raise ShardingError(f"cu_doc_lens must have an integer dtype, got {cu_doc_lens.dtype}")
@@ -84,8 +84,8 @@ def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> tuple[n
     cu = cu_doc_lens.numpy().astype(np.int64, copy=False)
     if cu[0] != 0:
         raise ShardingError(f"cu_doc_lens must start with 0, got {_preview(cu)}")
-    lengths = np.diff(cu)
-    if (lengths < 0).any():
+    lengths = cu[1:] - cu[:-1]
+    if len(lengths) and lengths.min() < 0:
         raise ShardingError(f"cu_doc_lens must be non-decreasing, got {_preview(cu)}")
     if seq_len is not None and cu[-1] != seq_len:
         raise ShardingError(

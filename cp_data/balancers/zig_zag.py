@@ -21,22 +21,19 @@ def zig_zag_index(
     """
     num_chunks = 2 * cp_world_size
     chunk = padded_lengths // num_chunks
-    # Two segments per document, [n, 2]: the rank's chunk from the front, then its mirror.
-    seg_start = np.multiply.outer(chunk, [cp_rank, num_chunks - 1 - cp_rank]) + starts[:, None]
+    # Two segments per document: the rank's chunk from the front, then its mirror from the back.
+    seg_start = np.empty((len(chunk), 2), dtype=np.int64)
+    np.multiply(chunk, cp_rank, out=seg_start[:, 0])
+    np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 1])
+    seg_start += starts[:, None]
     seg_len = np.repeat(chunk, 2)
-    gather, local_seg_start = ragged_arange(seg_start.ravel(), seg_len)
-    # Real tokens per segment; the rest of a segment (past its document's end) is padding.
-    real = np.clip((starts + lengths)[:, None] - seg_start, 0, chunk[:, None]).ravel()
-    pad_positions, _ = ragged_arange(local_seg_start + real, seg_len - real)
+    seg_end = np.cumsum(seg_len)
+    gather = np.repeat(seg_start.ravel() - seg_end + seg_len, seg_len)
+    gather += np.arange(len(gather))
+    # Positions past their document's end are that document's padding.
+    pad_positions = np.flatnonzero(gather >= np.repeat(starts + lengths, 2 * chunk))
     gather[pad_positions] = 0
     return gather, pad_positions
-
-
-def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenation of ``arange(s, s + c)`` for every pair, and where each run begins in it."""
-    offsets = np.cumsum(counts) - counts
-    total = int(offsets[-1] + counts[-1]) if len(counts) else 0
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, counts), offsets
 
 
 class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
