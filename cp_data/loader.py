@@ -12,7 +12,9 @@ Supported datasets:
   ``datasets.distributed.split_dataset_by_node``; any other ``IterableDataset`` must have a
   ``shard(num_shards, index)`` method, or be split already by the caller
   (``split_iterable=False``). Shuffling and exact resume are then the dataset's own
-  (``state_dict``/``load_state_dict``, as ``cp_data.datasets.PackedIterableDataset`` has).
+  (``state_dict``/``load_state_dict``, as ``cp_data.datasets.PackedIterableDataset`` has). For
+  ``PackedIterableDataset``, split its source before packing (``Dataset.shard(num_shards=dp,
+  index=dp_rank)`` or ``split_dataset_by_node``) and pass ``split_iterable=False``.
 """
 
 from __future__ import annotations

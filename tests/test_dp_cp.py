@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from cp_data.collate import ContextParallelCollator
 from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, dp_cp_coordinates, verify_dp_cp_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,10 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _expect_failure(fn, match: str) -> str:
+def _expect_failure(fn, match: str, error: type[Exception] = RuntimeError) -> str:
     try:
         fn()
-    except RuntimeError as err:
+    except error as err:
         if match not in str(err):
             raise
         return "raised"
@@ -56,6 +57,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
         coords = dp_cp_coordinates(mesh)
         assert coords == (rank // 2, 2, rank % 2, 2), coords
+        from_mesh = ContextParallelCollator.from_mesh(mesh["cp"], load_balancer="llama3", length_multiple=2)
+        assert from_mesh == ContextParallelCollator(
+            load_balancer="llama3", cp_rank=rank % 2, cp_world_size=2, length_multiple=2
+        )
+        _expect_failure(lambda: ContextParallelCollator.from_mesh(mesh, load_balancer="llama3"), "must be 1-D", ValueError)
         data = IndexedDataset([{k: v for k, v in item.items() if k != "index"} for item in Synthetic(n=30).items])
         lines = []
         for options in CONFIGS:

@@ -193,3 +193,21 @@ def test_indexed_dataset_and_config_errors():
         ContextParallelLoaderConfig(batch_size=1, load_balancer="ring")
     with pytest.raises(ValueError, match="cp_rank must be in"):
         cfg.build(base, dp_rank=0, dp_world_size=1, cp_rank=3, cp_world_size=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_the_streaming_packed_dataset(num_workers):
+    datasets = pytest.importorskip("datasets")
+    from cp_data.datasets import PackedIterableDataset
+    from cp_data.packing import PackingConfig
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 300, int(rng.integers(1, 40))).tolist() for _ in range(200)]
+    # Split by dp rank before packing (a HF Dataset shards itself), then tell the config so.
+    source = datasets.Dataset.from_dict({"input_ids": docs}).shard(num_shards=2, index=1)
+    stream = PackedIterableDataset(source, PackingConfig(seq_len=32), buffer_size=16)
+    cfg = ContextParallelLoaderConfig(batch_size=2, load_balancer="llama3", num_workers=num_workers,
+                                      split_iterable=False)
+    straight, resumed = run_with_resume(cfg, stream, stop=3, total=6)
+    assert all(same(a, b) for a, b in zip(straight, resumed))
+    assert straight[0]["input_ids"].shape == (1, 2 * 32 // 2)
