@@ -27,7 +27,7 @@ from cp_data.collate import ContextParallelCollator
 KINDS = ("zig_zag", "llama3", "ulysses")
 CASES_PER_KIND = 10
 HEADS, HEAD_DIM = 4, 8
-TOLERANCE = 1e-5
+TOLERANCE = {"torch.float64": 1e-5, "torch.float32": 1e-4}
 CAN_REORDER = importlib.util.find_spec("cp_data.balancers.ordering") is not None
 
 
@@ -57,7 +57,9 @@ def random_length_multiple(rng: np.random.Generator, kind: str, world: int) -> i
     return choices[int(rng.integers(len(choices)))]
 
 
-def run_case(seed: int, kind: str, world: int, rank: int, group) -> dict | None:
+def run_case(
+    seed: int, kind: str, world: int, rank: int, group, dtype=torch.float64
+) -> dict | None:
     """One random batch through the collator and CP attention; errors on the group's rank 0."""
     rng = np.random.default_rng(seed)
     instances = random_instances(rng)
@@ -73,17 +75,19 @@ def run_case(seed: int, kind: str, world: int, rank: int, group) -> dict | None:
     total = sum(len(inst["input_ids"]) for inst in instances)
     gen = torch.Generator().manual_seed(seed)
     q, k, v, grad_out = torch.randn(4, total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    # the reference always runs in float64 on exactly the values the CP ranks get
+    q, k, v, grad_out = (x.to(dtype).double() for x in (q, k, v, grad_out))
 
     source = batch["input_ids"][0]
     is_pad = source < 0
 
     def local(x: torch.Tensor) -> torch.Tensor:
-        return x[source.clamp(min=0)].masked_fill(is_pad[:, None, None], 0.0)
+        return x[source.clamp(min=0)].masked_fill(is_pad[:, None, None], 0.0).to(dtype)
 
     q_l, k_l, v_l = (local(x).requires_grad_() for x in (q, k, v))
     out = cp_attention(q_l, k_l, v_l, batch, load_balancer=kind, group=group)
     (out * local(grad_out)).sum().backward()
-    mine = torch.stack([out.detach(), q_l.grad, k_l.grad, v_l.grad], dim=1)
+    mine = torch.stack([out.detach(), q_l.grad, k_l.grad, v_l.grad], dim=1).double()
     shards = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(shards, mine, group=group)
     if rank:
@@ -104,6 +108,7 @@ def run_case(seed: int, kind: str, world: int, rank: int, group) -> dict | None:
         error=(got - want).abs().amax(dim=(0, 2, 3)).tolist(),
         finite=all(bool(torch.isfinite(s).all()) for s in shards),
         tokens=total,
+        dtype=str(dtype),
         padding=int(sum((s.shape[0] for s in shards))) - total,
     )
 
@@ -148,6 +153,7 @@ def worker(rank: int, world: int, cases: int) -> dict:
     for size, group, sub_rank, seed0 in runs:
         for kind in KINDS:
             found = [run_case(seed0 + i, kind, size, sub_rank, group) for i in range(cases)]
+            found.append(run_case(seed0 + cases, kind, size, sub_rank, group, torch.float32))
             if sub_rank == 0:
                 results[(kind, size, seed0)] = found
     results["bad_input"] = bad_input_messages(rank, world)
@@ -164,9 +170,10 @@ def dist_results() -> list[dict]:
 def test_cp_attention_equals_full_attention(dist_results, kind, world):
     runs = [res for r in dist_results for key, res in r.items() if key[:2] == (kind, world)]
     cases = [case for run in runs for case in run]
-    assert len(cases) == CASES_PER_KIND * (4 // world)
+    assert len(cases) == (CASES_PER_KIND + 1) * (4 // world)
+    assert {case["dtype"] for case in cases} == set(TOLERANCE)
     for case in cases:
-        assert max(case["error"]) <= TOLERANCE, (kind, world, case)
+        assert max(case["error"]) <= TOLERANCE[case["dtype"]], (kind, world, case)
         assert case["finite"], (kind, world, case)
     # the random batches exercised padding added by the balancer
     assert any(case["padding"] > 0 for case in cases)

@@ -14,6 +14,12 @@ document:
 
 Partial results merge by log-sum-exp. The backward pass sends each block around the ring again,
 together with the dK/dV accumulated for it, so after W hops the block's owner holds its gradient.
+
+Halves are split at ``(start + end) // 2`` of each local document, as ring-flash-attn's
+``get_half_index``. Every balancer document has an even local length; only the final padding
+document that an odd ``length_multiple`` adds can be odd. It holds padding only, so real tokens
+are unaffected here, but ring-flash-attn's ``half_cu_seqlens = cu_seqlens // 2`` then no longer
+matches its half index: use an even ``length_multiple`` with the GPU kernel.
 """
 
 from __future__ import annotations
