@@ -25,6 +25,8 @@ __all__ = ["llama3_balanced_order", "llama3_rank_work"]
 
 _MAX_STEPS = 64
 _TIE_WEIGHT = 1e-3
+_KEY_LONGEST = 8
+_FULL_SEARCH = 32
 _GOOD_ENOUGH = 1.01
 """Stop searching once the busiest rank is within 1% of the mean (the bound no order beats)."""
 
@@ -85,11 +87,15 @@ def _score(works: np.ndarray) -> np.ndarray:
     return ranked @ (_TIE_WEIGHT ** np.arange(works.shape[-1]))
 
 
-def _move_scores(lens: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _move_scores(
+    lens: np.ndarray, bounds: np.ndarray, focus: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Scores of every swap ``(i, j)`` and every move of document ``i`` to position ``j``.
 
-    Returns ``(scores, kinds, i, j)``, one entry per candidate: kind 0 swaps the documents at
-    positions ``i < j``, kind 1 moves the document at ``i`` to position ``j``.
+    Only moves whose block holds one of the ``focus`` boundaries are scored (any other move
+    leaves the work at those boundaries as it is). Returns ``(scores, kinds, i, j)``, one entry
+    per candidate: kind 0 swaps the documents at positions ``i < j``, kind 1 moves the document at
+    ``i`` to position ``j``.
     """
     n = lens.size
     prefix = _prefix_work(lens)
@@ -99,10 +105,16 @@ def _move_scores(lens: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.n
     done = np.cumsum(work)  # F at each document's end; F at its start is done - work
     inner = bounds[1:-1][None, :]
     base = prefix(inner)
-    ii, jj = np.nonzero(~np.eye(n, dtype=bool))
-    # A move whose block holds no slice boundary leaves every rank's work as it is: skip it.
+    # Candidates: every pair in short rows; in long ones, the pairs that involve a key document
+    # (one cut by a slice boundary, or one of the longest): the moves that shift work in big steps.
+    key = np.full(n, n <= _FULL_SEARCH)
+    key[np.minimum(np.searchsorted(ends, bounds[1:-1], side="right"), n - 1)] = True
+    key[np.argsort(-lens, kind="stable")[:_KEY_LONGEST]] = True
+    pairs = key[:, None] | key[None, :]
+    np.fill_diagonal(pairs, False)
+    ii, jj = np.nonzero(pairs)
     lo, hi = np.minimum(starts[ii], starts[jj]), np.maximum(ends[ii], ends[jj])
-    cuts = ((inner >= lo[:, None]) & (inner < hi[:, None])).any(axis=1)
+    cuts = ((focus[None, :] >= lo[:, None]) & (focus[None, :] < hi[:, None])).any(axis=1)
     ii, jj = ii[cuts], jj[cuts]
 
     def cols(k: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -153,19 +165,26 @@ def _apply(order: np.ndarray, kind: int, i: int, j: int) -> np.ndarray:
 
 def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
     """Best-improvement descent from ``order``; returns the order and its score."""
-    current = float(_score(np.diff(_prefix_work(lens[order])(bounds)))[()])
-    good_enough = _GOOD_ENOUGH * _tri(lens).sum() / (len(bounds) - 1)
+    works = np.diff(_prefix_work(lens[order])(bounds))
+    current = float(_score(works))
+    good_enough = _GOOD_ENOUGH * works.sum() / len(works)
+    inner = bounds[1:-1]
     for _ in range(_MAX_STEPS):
         if current <= good_enough:
             break
-        scores, kinds, ii, jj = _move_scores(lens[order], bounds)
-        if not scores.size:
-            break
-        best = int(np.argmin(scores))
-        if not scores[best] < current * (1.0 - 1e-12):
+        # Only moves across the busiest rank's own boundaries can lower the max: try them first,
+        # then every boundary (moves that relieve the next busiest ranks).
+        busiest = int(np.argmax(works))
+        for focus in (inner[max(busiest - 1, 0) : busiest + 1], inner):
+            scores, kinds, ii, jj = _move_scores(lens[order], bounds, focus)
+            best = int(np.argmin(scores)) if scores.size else -1
+            if best >= 0 and scores[best] < current * (1.0 - 1e-12):
+                break
+        else:
             break
         current = float(scores[best])
         order = _apply(order, int(kinds[best]), int(ii[best]), int(jj[best]))
+        works = np.diff(_prefix_work(lens[order])(bounds))
     return order, current
 
 

@@ -1,0 +1,124 @@
+"""Matplotlib figures of a sharded batch: shard map, per-rank work, document lengths.
+
+Every function returns the :class:`~matplotlib.figure.Figure` (shown inline in a notebook) and
+saves it when ``path`` is given. Call :func:`use_file_backend` first when nothing is displayed
+(the CLI does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .metrics import BalancerComparison, ShardMap
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["use_file_backend", "plot_shard_map", "plot_rank_work", "plot_doc_lengths"]
+
+
+def use_file_backend() -> None:
+    """Switch matplotlib to the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _figure(**kwargs: Any) -> "Figure":
+    from matplotlib.figure import Figure
+
+    # A bare Figure: no pyplot state, nothing kept alive after the caller drops it.
+    return Figure(layout="constrained", **kwargs)
+
+
+def _rank_colors(world: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if world <= 10 else "tab20"]
+    return [cmap(r % cmap.N) for r in range(world)]
+
+
+def _finish(fig: "Figure", path: str | Path | None) -> "Figure":
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_shard_map(smap: ShardMap, path: str | Path | None = None, max_docs: int = 60) -> "Figure":
+    """Documents (rows) × positions inside each document, coloured by the rank holding them.
+
+    A final row shows the padding each rank adds. Only the first ``max_docs`` documents are drawn.
+    """
+    from matplotlib.patches import Patch
+
+    lens = np.diff(smap.cu_doc_lens)
+    shown = min(len(lens), max_docs)
+    colors = _rank_colors(smap.cp_world_size)
+    fig = _figure(figsize=(9, 1.2 + 0.22 * (shown + 1)))
+    ax = fig.add_subplot()
+    starts, run_lens, ranks = smap.runs()
+    doc = np.searchsorted(smap.cu_doc_lens, starts, side="right") - 1
+    keep = doc < shown
+    offset = starts - smap.cu_doc_lens[doc]
+    ax.barh(doc[keep], run_lens[keep], left=offset[keep], height=0.8,
+            color=[colors[r] for r in ranks[keep]], linewidth=0)
+    pad_left = np.concatenate([[0], np.cumsum(smap.padding)[:-1]])
+    ax.barh(np.full(smap.cp_world_size, shown), smap.padding, left=pad_left, height=0.8,
+            color=colors, hatch="//", edgecolor="white", linewidth=0)
+    ax.set_yticks(list(range(shown)) + [shown], [str(d) for d in range(shown)] + ["padding"])
+    ax.invert_yaxis()
+    ax.set_xlabel("position inside the document")
+    ax.set_ylabel("document")
+    hidden = f" (first {shown} of {len(lens)} documents)" if shown < len(lens) else ""
+    ax.set_title(f"{smap.balancer}: which rank holds each token, W={smap.cp_world_size}{hidden}")
+    ax.legend(handles=[Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)],
+              loc="lower right", fontsize="small")
+    return _finish(fig, path)
+
+
+def plot_rank_work(comparison: BalancerComparison, path: str | Path | None = None) -> "Figure":
+    """Per-rank causal work, one group of bars per balancer (padding work stacked, hatched)."""
+    from matplotlib.patches import Patch
+
+    names = list(comparison.metrics)
+    world = comparison.metrics[names[0]].cp_world_size
+    colors = _rank_colors(world)
+    fig = _figure(figsize=(2.2 + 1.6 * len(names), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / world
+    for i, name in enumerate(names):
+        m = comparison.metrics[name]
+        x = i + (np.arange(world) - (world - 1) / 2) * width
+        ax.bar(x, m.work, width, color=colors)
+        ax.bar(x, m.padding_work, width, bottom=m.work, color=colors, alpha=0.35, hatch="//")
+        ax.text(i, float((m.work + m.padding_work).max()), f"{m.work_imbalance:.2f}x",
+                ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("query-key pairs")
+    top = max(float((m.work + m.padding_work).max()) for m in comparison.metrics.values())
+    ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room for the labels
+    ax.set_title("causal attention work per rank (label: max/mean)")
+    handles = [Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)]
+    handles.append(Patch(facecolor="lightgray", hatch="//", label="padding"))
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _finish(fig, path)
+
+
+def plot_doc_lengths(doc_lens: Any, path: str | Path | None = None, bins: int = 40) -> "Figure":
+    """Histogram of document lengths (log-spaced bins)."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    lens = lens[lens > 0]
+    fig = _figure(figsize=(6, 3.4))
+    ax = fig.add_subplot()
+    if lens.size:
+        edges = np.unique(np.geomspace(1, lens.max() + 1, bins).astype(np.int64))
+        ax.hist(lens, bins=edges if edges.size > 1 else 1, color="tab:blue")
+        ax.set_xscale("log")
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title(f"{lens.size} documents, median {int(np.median(lens)) if lens.size else 0} tokens")
+    return _finish(fig, path)
