@@ -16,6 +16,7 @@ from cp_data import RingAttentionLoadBalancerType
 from cp_data.attention import cp_attention, llama3_attention, varlen_attention, varlen_mask
 from cp_data.attention.launch import free_port, run_gloo
 from cp_data.attention.reference import masked_attention, masked_attention_backward
+from cp_data.attention.ring import step_mask, zig_zagstep_masks
 
 H, D = 3, 4
 
@@ -151,6 +152,38 @@ def test_llama3_metadata_semantics_without_processes(lengths, world, seed):
             q[rows], k[ks], v[ks], meta["cu_doc_lens_q"], meta["cu_doc_lens_k"]
         )
         torch.testing.assert_close(got, want[rows], atol=1e-12, rtol=0)
+
+
+def test_zig_zag_ring_masks_spec_example():
+    # SPEC: W=2, N=12, cu=[0, 8, 12]: r0 holds [0, 1, 6, 7, 8, 11], local cu = [0, 4, 6]
+    masks = zig_zagstep_masks(torch.tensor([0, 4, 6]))
+    # rank 0 at step 1 holds rank 1's block [2, 3, 4, 5, 9, 10]: only token 6, 7 (back half of
+    # document 0) and 11 (back half of document 1) see it, and see all of their document's part
+    assert masks["later"].int().tolist() == [
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1],
+    ]
+
+
+@settings(max_examples=60)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=6), st.integers(1, 4))
+def test_zig_zag_ring_masks_equal_global_causal_document_mask(chunks, world):
+    """For every rank r and sender s, the ring's step mask is the full mask between their tokens."""
+    lengths = [2 * world * c for c in chunks]  # no balancer padding: every token has a position
+    cu = cumulative(lengths)
+    full = varlen_mask(cu, cu)
+    plans = RingAttentionLoadBalancerType.zig_zag.create(
+        cp_rank=0, cp_world_size=world
+    ).plan_all_ranks(int(cu[-1]), cu)
+    for rank in range(world):
+        masks = zig_zagstep_masks(plans[rank].metadata["cu_doc_lens"])
+        for sender in range(world):
+            got = step_mask(masks, (rank - sender) % world, rank)
+            assert torch.equal(got, full[plans[rank].index][:, plans[sender].index])
 
 
 @pytest.fixture(scope="module")

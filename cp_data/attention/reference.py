@@ -94,7 +94,7 @@ def varlen_mask(
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Masked scaled scores ``[H, Tq, Tk]`` (-inf where masked)."""
-    return torch.einsum("qhd,khd->hqk", q, k).mul(scale).masked_fill(~mask, -math.inf)
+    return torch.einsum("qhd,khd->hqk", q, k).mul(scale).masked_fill(~mask.to(q.device), -math.inf)
 
 
 def masked_attention(

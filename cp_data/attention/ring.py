@@ -41,7 +41,7 @@ from .reference import (
 __all__ = ["zig_zag_ring_attention"]
 
 
-def zig_zag_step_masks(cu_doc_lens: torch.Tensor) -> dict[str, torch.Tensor]:
+def zig_zagstep_masks(cu_doc_lens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three bool ``[T, T]`` masks of the ring: own block, earlier sender, later sender."""
     doc, _ = doc_offsets(cu_doc_lens)
     index = torch.arange(len(doc))
@@ -55,7 +55,8 @@ def zig_zag_step_masks(cu_doc_lens: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _step_mask(masks: dict[str, torch.Tensor], step: int, rank: int) -> torch.Tensor:
+def step_mask(masks: dict[str, torch.Tensor], step: int, rank: int) -> torch.Tensor:
+    """The mask of ring step ``step`` on rank ``rank`` (it holds the block of rank ``rank - step``)."""
     if step == 0:
         return masks["own"]
     return masks["earlier"] if step <= rank else masks["later"]
@@ -73,14 +74,14 @@ class _ZigZagRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, scale, group):
         rank, size = group_rank_size(group)
-        masks = zig_zag_step_masks(cu)
+        masks = zig_zagstep_masks(cu)
         ring = RingExchange(group)
         kv = torch.stack([k, v])
         out = lse = None
         for step in range(size):
             if step + 1 < size:
                 ring.start(kv)  # the next block travels while this one is used
-            mask = _step_mask(masks, step, rank)
+            mask = step_mask(masks, step, rank)
             block_out, block_lse = masked_attention(q, kv[0], kv[1], mask, scale)
             # step 0 includes every query's own key, so lse is finite from then on
             out, lse = (
@@ -100,7 +101,7 @@ class _ZigZagRing(torch.autograd.Function):
         # [k, v, dk, dv] of the block in hand; the gradients ride along with their block
         block = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])
         for step in range(ctx.size):
-            mask = _step_mask(ctx.masks, step, ctx.rank)
+            mask = step_mask(ctx.masks, step, ctx.rank)
             dq_b, dk_b, dv_b = masked_attention_backward(
                 dout, q, block[0], block[1], out, lse, mask, ctx.scale
             )
