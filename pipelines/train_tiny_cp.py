@@ -15,7 +15,7 @@ training must equal CP=1 training: the script prints per-step losses and the lar
 difference, and exits non-zero if CP differs from CP=1 or the naive positions do not.
 
     torchrun --standalone --nproc-per-node 4 pipelines/train_tiny_cp.py
-    python pipelines/train_tiny_cp.py --spawn 4        # the same without torchrun
+    python pipelines/train_tiny_cp.py                  # the same without torchrun (spawns 4)
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in asdict(TinyConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    spawn = args.pop("spawn")
+    spawn = args.pop("spawn") or (0 if "RANK" in os.environ else 4)  # not under torchrun: spawn 4
     cfg = TinyConfig(**args)
     if spawn:
         world, results = spawn, run(spawn, **args)
