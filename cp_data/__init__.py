@@ -29,16 +29,40 @@ from .packing import PackingConfig, PackingPlan, best_fit_decreasing, plan_packi
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PackedDataset": "cp_data.datasets",
-    "PackedIterableDataset": "cp_data.datasets",
-    "load_default_corpus": "cp_data.datasets",
-    "load_text_files": "cp_data.datasets",
-    "packed_dataset_from_files": "cp_data.datasets",
-    "tokenize_dataset": "cp_data.datasets",
-    "ContextParallelLoaderConfig": "cp_data.loader",
-    "DataParallelSampler": "cp_data.loader",
-    "cp_attention": "cp_data.attention",
-    "varlen_attention": "cp_data.attention",
+    **dict.fromkeys(
+        [
+            "ByteTokenizer",
+            "PackedDataset",
+            "PackedIterableDataset",
+            "get_tokenizer",
+            "load_default_corpus",
+            "load_text_files",
+            "packed_dataset_from_files",
+            "tokenize_dataset",
+            "train_bpe",
+        ],
+        "cp_data.datasets",
+    ),
+    **dict.fromkeys(
+        [
+            "ContextParallelLoaderConfig",
+            "DataParallelSampler",
+            "IndexedDataset",
+            "dp_cp_coordinates",
+            "verify_dp_cp_batch",
+        ],
+        "cp_data.loader",
+    ),
+    **dict.fromkeys(
+        [
+            "cp_attention",
+            "llama3_attention",
+            "ulysses_attention",
+            "varlen_attention",
+            "zig_zag_ring_attention",
+        ],
+        "cp_data.attention",
+    ),
 }
 
 
