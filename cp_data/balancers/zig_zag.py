@@ -41,6 +41,10 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
 
     The sequence (or each document) is cut into 2W chunks and rank r keeps chunks r and 2W-1-r,
     so every rank does the same causal attention work.
+
+    With ``batch_shard_by_document`` any positive ``length_multiple`` is accepted (as upstream),
+    but ring-flash-attn's zigzag varlen kernel halves the local ``cu_doc_lens``: give it an even
+    multiple so that the final padding document has an even length too.
     """
 
     def plan(
