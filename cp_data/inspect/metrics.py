@@ -10,7 +10,9 @@ padding (llama3/ulysses: one document at the end of the row; zig_zag: the end of
 padded to a multiple of 2W, plus the final document when ``length_multiple`` is given) attends
 like a document of its own, with its offset inside that padded document; padding carried by the
 instances (``padding_mask``) counts where it lies. Padding never adds work to a real query: it
-always sits after the real tokens of its document.
+always sits after the real tokens of its document. The kernel computes both, so
+``compute = work + padding_work`` is what sets a rank's step time (``compute_imbalance``), while
+``work_imbalance`` is about the useful part.
 
 For **ulysses** the all-to-all gives every rank the whole sequence for ``H / W`` heads, so each
 rank computes ``total / W`` of the work whatever tokens it holds; ``tokens``, ``padding`` and
@@ -147,6 +149,16 @@ class ShardMetrics:
         return _imbalance(self.work)
 
     @property
+    def compute(self) -> np.ndarray:
+        """``work + padding_work``: all the pairs the rank's kernel computes."""
+        return self.work + self.padding_work
+
+    @property
+    def compute_imbalance(self) -> float:
+        """max / mean of ``compute`` over ranks."""
+        return _imbalance(self.compute)
+
+    @property
     def token_imbalance(self) -> float:
         """max / mean of ``tokens`` over ranks."""
         return _imbalance(self.tokens)
@@ -169,6 +181,7 @@ class ShardMetrics:
             work=self.work.tolist(),
             padding_work=self.padding_work.tolist(),
             work_imbalance=self.work_imbalance,
+            compute_imbalance=self.compute_imbalance,
             token_imbalance=self.token_imbalance,
             padding_fraction=self.padding_fraction,
         )
@@ -176,7 +189,7 @@ class ShardMetrics:
     def render(self) -> str:
         """A per-rank text table."""
         lines = [f"{self.balancer}: work imbalance {self.work_imbalance:.3f}, "
-                 f"token imbalance {self.token_imbalance:.3f}, padding {self.padding_fraction:.2%}",
+                 f"compute imbalance {self.compute_imbalance:.3f}, token imbalance {self.token_imbalance:.3f}, padding {self.padding_fraction:.2%}",
                  f"  {'rank':>4} {'tokens':>8} {'padding':>8} {'docs':>5} {'work':>12} {'pad work':>10}"]
         for r in range(self.cp_world_size):
             lines.append(
@@ -269,7 +282,8 @@ class BalancerComparison:
     def summary(self) -> list[dict[str, Any]]:
         """One row per balancer: imbalances, the busiest rank's work, padding."""
         return [
-            dict(balancer=name, work_imbalance=m.work_imbalance, token_imbalance=m.token_imbalance,
+            dict(balancer=name, work_imbalance=m.work_imbalance, compute_imbalance=m.compute_imbalance,
+                 token_imbalance=m.token_imbalance,
                  max_work=float(m.work.max()), padding=int(m.padding.sum()),
                  padding_fraction=m.padding_fraction, padding_work=float(m.padding_work.sum()))
             for name, m in self.metrics.items()
@@ -277,12 +291,13 @@ class BalancerComparison:
 
     def render(self, per_rank: bool = False) -> str:
         """A text table (and each balancer's per-rank table when ``per_rank``)."""
-        head = f"{'balancer':<18} {'work max/mean':>13} {'tokens max/mean':>15} {'max work':>12} {'padding':>8}"
+        head = (f"{'balancer':<18} {'work max/mean':>13} {'compute max/mean':>16} {'tokens max/mean':>15} "
+                f"{'max work':>12} {'padding':>8}")
         lines = [head, "-" * len(head)]
         for s in self.summary():
             lines.append(
-                f"{s['balancer']:<18} {s['work_imbalance']:>13.3f} {s['token_imbalance']:>15.3f} "
-                f"{s['max_work']:>12,.0f} {s['padding']:>8}"
+                f"{s['balancer']:<18} {s['work_imbalance']:>13.3f} {s['compute_imbalance']:>16.3f} "
+                f"{s['token_imbalance']:>15.3f} {s['max_work']:>12,.0f} {s['padding']:>8}"
             )
         if per_rank:
             lines += [""] + [m.render() + "\n" for m in self.metrics.values()]
@@ -303,8 +318,9 @@ def compare_balancers(
     """:func:`shard_metrics` of every balancer (default: all) on the same batch.
 
     With ``reorder`` and llama3 among them, a ``"llama3_reordered"`` entry shows llama3 after
-    :func:`~cp_data.balancers.ordering.llama3_balanced_order` (what
-    ``ContextParallelCollator(reorder_documents=True)`` does).
+    :func:`~cp_data.balancers.ordering.llama3_balanced_order` over all documents of the row, the
+    instances' padding documents included (what ``ContextParallelCollator(reorder_documents=True)``
+    does): the order balances what the kernel computes, so compare its ``compute_imbalance``.
     """
     row = as_row(batch, padding_mask)
     kinds = [RingAttentionLoadBalancerType.parse(b) for b in (balancers or RingAttentionLoadBalancerType)]

@@ -48,7 +48,9 @@ def _finish(fig: "Figure", path: str | Path | None) -> "Figure":
     return fig
 
 
-def plot_shard_map(smap: ShardMap, path: str | Path | None = None, max_docs: int = 60) -> "Figure":
+def plot_shard_map(
+    smap: ShardMap, path: str | Path | None = None, max_docs: int = 60, title: str | None = None
+) -> "Figure":
     """Documents (rows) × positions inside each document, coloured by the rank holding them.
 
     A final row shows the padding each rank adds. Only the first ``max_docs`` documents are drawn.
@@ -74,7 +76,7 @@ def plot_shard_map(smap: ShardMap, path: str | Path | None = None, max_docs: int
     ax.set_xlabel("position inside the document")
     ax.set_ylabel("document")
     hidden = f" (first {shown} of {len(lens)} documents)" if shown < len(lens) else ""
-    ax.set_title(f"{smap.balancer}: which rank holds each token, W={smap.cp_world_size}{hidden}")
+    ax.set_title(f"{title or smap.balancer}: which rank holds each token, W={smap.cp_world_size}{hidden}")
     ax.legend(handles=[Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)],
               loc="lower right", fontsize="small")
     return _finish(fig, path)

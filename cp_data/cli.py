@@ -1,0 +1,220 @@
+"""The ``cp-data`` command: ``demo``, ``inspect`` and ``bench``.
+
+Bad arguments, missing files and invalid input end with one ``cp-data: error: ...`` line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import sys
+from typing import Any, Sequence
+
+from cp_data.balancers import RingAttentionLoadBalancerType
+
+__all__ = ["main", "build_parser"]
+
+BALANCERS = [k.value for k in RingAttentionLoadBalancerType]
+
+QUICK_BENCH_KWARGS = {
+    "balancers": dict(num_tokens=8192, num_docs=128, world_size=4, repeats=3),
+    "collate": dict(batch_size=2, seq_len=2048, docs_per_row=20, cp_world_size=4, repeats=3),
+    "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
+    "ordering": dict(num_rows=20),
+}
+"""Small sizes for ``cp-data bench --quick`` (only the keywords a module's ``run`` accepts are used)."""
+
+BENCH_ORDER = ("balancers", "packing", "collate", "ordering")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"cp-data: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: int) -> None:
+    p.add_argument("--cp", type=_positive, default=4, metavar="W", help="context-parallel degree (default 4)")
+    p.add_argument("--seq-len", type=_positive, default=seq_len, metavar="S", help=f"packed row length (default {seq_len})")
+    p.add_argument("--balancer", choices=BALANCERS + ["all"], default="all", help="balancer to show (default all)")
+    p.add_argument("--batches", type=_positive, default=batches, metavar="N", help=f"batches to inspect (default {batches})")
+    p.add_argument("--batch-size", type=_positive, default=batch_size, metavar="B",
+                   help=f"packed rows per batch, flattened into one row (default {batch_size})")
+    p.add_argument("--length-multiple", type=_positive, default=None, metavar="M",
+                   help="pad shards to a multiple of M (as the collator's length_multiple)")
+    p.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe",
+                   help="local byte-level BPE (trained on the pydoc topics) or raw bytes (default bpe)")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cp-data``."""
+    parser = _Parser(prog="cp-data", description="See how packed documents land on context-parallel ranks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser("demo", help="embedded corpus -> pack -> shard for W ranks -> metrics")
+    demo.add_argument("--corpus", choices=["pydoc", "stdlib", "both"], default="pydoc",
+                      help="embedded corpus: Python's help topics, its stdlib .py files, or both")
+    _shared(demo, seq_len=4096, batches=8, batch_size=2)
+    insp = sub.add_parser("inspect", help="metrics for your own files or saved HF dataset")
+    insp.add_argument("paths", nargs="+", help=".txt/.jsonl/.json/.parquet files, directories, or a saved dataset dir")
+    insp.add_argument("--text-column", default="text", help="column holding the text (default 'text')")
+    insp.add_argument("--doc-per-file", action="store_true", help="one document per text file, not per line")
+    _shared(insp, seq_len=8192, batches=4, batch_size=1)
+    bench = sub.add_parser("bench", help="run the benchmarks and print their ratios")
+    bench.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all: {', '.join(BENCH_ORDER)})")
+    bench.add_argument("--quick", action="store_true", help="small sizes (seconds, not minutes)")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def _kinds(args: argparse.Namespace) -> list[str]:
+    return BALANCERS if args.balancer == "all" else [args.balancer]
+
+
+def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> None:
+    from cp_data.inspect.report import inspect_batches, render_rank_table, save_plots, shard_previews
+    from cp_data.inspect.sources import iter_batches
+
+    batches = list(iter_batches(packed, args.batch_size, args.batches))
+    if not batches:
+        raise ValueError(f"only {len(packed)} packed rows of {args.seq_len} tokens: not enough for one batch of "
+                         f"{args.batch_size}; lower --batch-size or --seq-len")
+    report = inspect_batches(batches, args.cp, _kinds(args), seq_len=args.seq_len, batch_size=args.batch_size,
+                             length_multiple=args.length_multiple, progress=not args.no_progress)
+    report.packing = packed.metrics()
+    # Show the ranks of the batch with the most documents: where balancers differ most.
+    shown = max(range(len(batches)), key=lambda b: sum(len(i["doc_lens"]) for i in batches[b]))
+    comparison = report.comparisons[shown]
+    previews = shard_previews(batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple)
+    plots = []
+    if args.plot:
+        from cp_data.inspect.plots import use_file_backend
+
+        use_file_backend()
+        plots = save_plots(report, args.plot, batches[shown])
+    if args.json:
+        out = report.to_dict()
+        out.update(shown_batch=shown, previews=previews, plots=[str(p) for p in plots])
+        print(json.dumps(out, indent=1))
+        return
+    print(header)
+    print(report.render())
+    print(f"\nbatch {shown} ({sum(len(i['doc_lens']) for i in batches[shown])} documents), per rank:")
+    print(comparison.render())
+    for name, m in comparison.metrics.items():
+        print()
+        print(render_rank_table(m, previews[name]))
+    for p in plots:
+        print(f"wrote {p}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
+    from cp_data.packing import PackingConfig
+
+    with tqdm(total=3, desc="demo", disable=args.no_progress) as bar:
+        bar.set_postfix_str(f"corpus {args.corpus}")
+        corpus = load_default_corpus(args.corpus, args.tokenizer)
+        bar.update()
+        bar.set_postfix_str("pack")
+        packed = PackedDataset(corpus, PackingConfig(seq_len=args.seq_len))
+        bar.update()
+        tokenizer = get_tokenizer(args.tokenizer)
+        bar.update()
+    header = (f"embedded corpus '{args.corpus}': {len(corpus)} documents -> {len(packed)} rows of {args.seq_len} "
+              f"tokens; CP degree {args.cp}")
+    _report(args, packed, tokenizer.decode, header)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from cp_data.inspect.sources import load_documents, pack_documents
+
+    dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
+    packed, tokenizer = pack_documents(dataset, args.seq_len, tokenizer=args.tokenizer, text_column=args.text_column)
+    header = f"{' '.join(args.paths)}: {len(dataset)} documents -> {len(packed)} rows of {args.seq_len} tokens"
+    _report(args, packed, tokenizer.decode if tokenizer is not None else None, header)
+
+
+def _bench_modules() -> list[str]:
+    import cp_data.bench
+
+    found = {m.name for m in pkgutil.iter_modules(cp_data.bench.__path__) if not m.name.startswith("_")}
+    found.add("ordering")
+    return [n for n in BENCH_ORDER if n in found] + sorted(found - set(BENCH_ORDER))
+
+
+def _load_bench(name: str):
+    if name == "ordering":
+        return importlib.import_module("cp_data.inspect.ordering_bench")
+    return importlib.import_module(f"cp_data.bench.{name}")
+
+
+def _flatten(prefix: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [line for k, v in value.items() for line in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    return [f"  {prefix}: {value:.4g}" if isinstance(value, float) else f"  {prefix}: {value}"]
+
+
+def _bench(args: argparse.Namespace) -> None:
+    available = _bench_modules()
+    names = args.names or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; available: {', '.join(available)}")
+    results = {}
+    for name in names:
+        module = _load_bench(name)
+        run = getattr(module, "run", None)
+        if args.quick or args.json:
+            if run is None:
+                raise ValueError(f"benchmark {name!r} has no run(); run it without --quick/--json")
+            accepted = inspect.signature(run).parameters
+            kwargs = {k: v for k, v in QUICK_BENCH_KWARGS.get(name, {}).items() if k in accepted} if args.quick else {}
+            results[name] = run(**kwargs)
+            if not args.json:
+                print(f"{name}:" + ("  (quick sizes)" if kwargs else ""))
+                print("\n".join(_flatten("", results[name])))
+        else:
+            print(f"== {name}")
+            module.main()
+    if args.json:
+        print(json.dumps(results, indent=1, default=float))
+
+
+COMMANDS = {"demo": _demo, "inspect": _inspect, "bench": _bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cp-data`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    if getattr(args, "no_progress", False):
+        os.environ["TQDM_DISABLE"] = "1"  # also silences the bars of datasets and the benchmarks
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("cp-data: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"cp-data: error: {message}", file=sys.stderr)
+        return 1
+    return 0
