@@ -187,3 +187,28 @@ def test_bad_input():
         shard_metrics([1, 4], "llama3", 2)
     with pytest.raises(ValueError, match="padding_mask"):
         shard_metrics([0, 4], "llama3", 2, padding_mask=[True])
+
+
+def test_plots_draw_the_numbers(tmp_path):
+    from cp_data.inspect.plots import plot_doc_lengths, plot_rank_work, plot_shard_map, use_file_backend
+
+    use_file_backend()
+    lens = np.array([5, 17, 3, 40, 9, 11])
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    comp = compare_balancers(cu, 3)
+    fig = plot_rank_work(comp, tmp_path / "work.png")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    # Per balancer: W work bars, then W padding bars stacked on them.
+    for i, m in enumerate(comp.metrics.values()):
+        assert heights[6 * i:6 * i + 3] == pytest.approx(m.work.tolist())
+        assert heights[6 * i + 3:6 * i + 6] == pytest.approx(m.padding_work.tolist())
+    smap = shard_map(cu, "zig_zag", 3)
+    fig = plot_shard_map(smap, tmp_path / "map.png")
+    bars = fig.axes[0].patches
+    widths = np.array([p.get_width() for p in bars])
+    rows = np.array([round(p.get_y() + p.get_height() / 2) for p in bars])
+    assert [widths[rows == d].sum() for d in range(len(lens))] == pytest.approx(lens.tolist())
+    assert widths[rows == len(lens)].tolist() == smap.padding.tolist()
+    fig = plot_doc_lengths(lens, tmp_path / "hist.png")
+    assert sum(p.get_height() for p in fig.axes[0].patches) == len(lens)
+    assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("work.png", "map.png", "hist.png"))
