@@ -4,13 +4,12 @@ from .metrics import (
     REORDERED,
     BalancerComparison,
     BatchRow,
-    ShardMap,
     ShardMetrics,
     compare_balancers,
     row_from_instances,
-    shard_map,
     shard_metrics,
 )
+from .shard_map import ShardMap, shard_map
 
 __all__ = [
     "REORDERED",

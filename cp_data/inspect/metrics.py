@@ -34,11 +34,9 @@ __all__ = [
     "BatchRow",
     "ShardMetrics",
     "BalancerComparison",
-    "ShardMap",
     "row_from_instances",
     "shard_metrics",
     "compare_balancers",
-    "shard_map",
     "REORDERED",
 ]
 
@@ -79,7 +77,7 @@ def _as_cu(cu_doc_lens: Any) -> np.ndarray:
     cu = cu_doc_lens.numpy() if isinstance(cu_doc_lens, torch.Tensor) else np.asarray(cu_doc_lens)
     if cu.ndim != 1 or cu.size < 1:
         raise ValueError(f"cu_doc_lens must be a non-empty 1-D sequence, got shape {tuple(cu.shape)}")
-    if cu.size and not np.issubdtype(cu.dtype, np.integer):
+    if not np.issubdtype(cu.dtype, np.integer):
         raise ValueError(f"cu_doc_lens must hold integers, got dtype {cu.dtype}")
     cu = cu.astype(np.int64)
     if cu[0] != 0 or (np.diff(cu) < 0).any():
@@ -204,7 +202,10 @@ def _imbalance(values: np.ndarray) -> float:
     return float(np.max(values) / mean) if mean > 0 else 1.0
 
 
-def _plans(kind: RingAttentionLoadBalancerType, cu: np.ndarray, world: int, length_multiple: int | None):
+def all_rank_plans(
+    kind: RingAttentionLoadBalancerType, cu: np.ndarray, world: int, length_multiple: int | None
+) -> list[ShardPlan]:
+    """The plan of every rank of ``kind`` for a row with boundaries ``cu``."""
     balancer = kind.create(cp_rank=0, cp_world_size=world)
     return balancer.plan_all_ranks(int(cu[-1]), torch.from_numpy(cu), length_multiple=length_multiple)
 
@@ -251,7 +252,7 @@ def shard_metrics(
     # A document made only of padding is not a document.
     real_doc = np.bincount(doc_id, weights=~pad, minlength=n_docs) > 0
     stats = np.zeros((5, cp_world_size))
-    for r, plan in enumerate(_plans(kind, cu, cp_world_size, length_multiple)):
+    for r, plan in enumerate(all_rank_plans(kind, cu, cp_world_size, length_multiple)):
         src = plan.index.numpy()
         src = src[src != PAD]
         is_pad = pad[src]
@@ -333,60 +334,3 @@ def compare_balancers(
 
 
 _FIELDS = ("balancer", "cp_world_size", "seq_len", "tokens", "padding", "documents", "work", "padding_work")
-
-
-@dataclass(frozen=True)
-class ShardMap:
-    """Which rank holds each position of the global row."""
-
-    balancer: str
-    cp_world_size: int
-    cu_doc_lens: np.ndarray
-    rank: np.ndarray
-    """int64 [N]: the rank holding each global position."""
-    local_position: np.ndarray
-    """int64 [N]: where in that rank's shard the position lands."""
-    padding: np.ndarray
-    """int64 [W]: balancer padding slots per rank (they have no global position)."""
-
-    def doc_rank_tokens(self) -> np.ndarray:
-        """int64 [n_docs, W]: tokens of each document on each rank."""
-        lens = np.diff(self.cu_doc_lens)
-        doc = np.repeat(np.arange(len(lens)), lens)
-        flat = doc * self.cp_world_size + self.rank
-        counts = np.bincount(flat, minlength=len(lens) * self.cp_world_size)
-        return counts.reshape(len(lens), self.cp_world_size)
-
-    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Maximal runs of positions held by one rank within one document: (start, length, rank)."""
-        n = self.rank.size
-        cut = np.zeros(n, dtype=bool)
-        if n:
-            cut[0] = True
-            cut[1:] = self.rank[1:] != self.rank[:-1]
-            cut[self.cu_doc_lens[:-1][self.cu_doc_lens[:-1] < n]] = True
-        starts = np.flatnonzero(cut)
-        return starts, np.diff(np.append(starts, n)), self.rank[starts]
-
-
-def shard_map(
-    batch: BatchRow | Any,
-    balancer: RingAttentionLoadBalancerType | str,
-    cp_world_size: int,
-    *,
-    length_multiple: int | None = None,
-) -> ShardMap:
-    """The :class:`ShardMap` of ``balancer`` on a batch (``cu_doc_lens`` or a :class:`BatchRow`)."""
-    kind = RingAttentionLoadBalancerType.parse(balancer)
-    cu = as_row(batch).cu_doc_lens
-    n = int(cu[-1])
-    rank = np.full(n, -1, dtype=np.int64)
-    local = np.full(n, -1, dtype=np.int64)
-    padding = np.zeros(cp_world_size, dtype=np.int64)
-    for r, plan in enumerate(_plans(kind, cu, cp_world_size, length_multiple)):
-        index = plan.index.numpy()
-        slots = np.flatnonzero(index != PAD)
-        rank[index[slots]] = r
-        local[index[slots]] = slots
-        padding[r] = plan.num_padding
-    return ShardMap(kind.value, cp_world_size, cu, rank, local, padding)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import BalancerComparison, ShardMap
+from .metrics import BalancerComparison
+from .shard_map import ShardMap
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

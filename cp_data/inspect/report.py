@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from cp_data.balancers import RingAttentionLoadBalancerType
 from cp_data.balancers.ordering import llama3_balanced_order
 
-from .metrics import REORDERED, BalancerComparison, ShardMetrics, compare_balancers, row_from_instances, shard_map
+from .metrics import REORDERED, BalancerComparison, ShardMetrics, compare_balancers, row_from_instances
+from .shard_map import shard_map
 
 __all__ = ["InspectReport", "inspect_batches", "shard_previews", "save_plots"]
 
