@@ -215,6 +215,10 @@ def llama3_balanced_order(
     the new order) minimises, approximately, the largest per-rank causal work
     (:func:`llama3_rank_work`). Documents stay whole, so no token's attention changes. The result
     is deterministic and never worse than the original order.
+
+    Every given document counts, the instances' padding documents included (the kernel computes
+    them like any other); the balancer's own end padding (under ``W · length_multiple`` tokens)
+    does not. Zero-length documents go to the end.
     """
     lens, local_len = _check(doc_lens, cp_world_size, length_multiple)
     identity = np.arange(lens.size, dtype=np.int64)
