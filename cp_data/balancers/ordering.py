@@ -8,11 +8,14 @@ changes no token's attention (each document keeps its own keys, in order) and, c
 the work out.
 
 :func:`llama3_balanced_order` finds such an order by best-improvement local search over two
-starting orders (the original one and a greedy one). Every candidate move — swap two documents,
+starting orders (a greedy "snake" deal of the longest documents, then the original order). Every
+candidate move — swap two documents,
 or move one document to another place — is scored at once in closed form: the work of a rank is
 ``F(end) - F(start)`` where ``F(x)`` is the causal work of the first ``x`` tokens, and a move only
 changes ``F`` inside the block it rearranges, so scoring all ``O(n^2)`` moves costs
-``O(n^2 · W · log n)`` numpy work per step, with no Python loop over moves or documents.
+``O(n^2 · W · log n)`` numpy work per step, with no Python loop over moves or documents (rows of
+more than 32 documents score only the moves that involve a cut or one of the 8 longest
+documents). On 8192-token rows of 15-60 documents this takes a few milliseconds.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from .validation import ShardingError, check_length_multiple, round_up
 
 __all__ = ["llama3_balanced_order", "llama3_rank_work"]
 
-_MAX_STEPS = 64
-_TIE_WEIGHT = 1e-3
-_KEY_LONGEST = 8
-_FULL_SEARCH = 32
+_MAX_STEPS = 64  # moves per descent; descents end far earlier in practice
+_TIE_WEIGHT = 1e-3  # weight of the 2nd busiest rank in the score (1e-6 for the 3rd, ...)
+_FULL_SEARCH = 32  # rows with more documents score only moves that involve a key document
+_KEY_LONGEST = 8  # the longest documents count as key documents
 _GOOD_ENOUGH = 1.01
 """Stop searching once the busiest rank is within 1% of the mean (the bound no order beats)."""
 
