@@ -68,10 +68,13 @@ class InspectReport:
         head = (f"{'balancer':<18} {'work max/mean':>13} {'worst batch':>11} {'compute max/mean':>16} "
                 f"{'tokens max/mean':>15} {'padding':>8}")
         lines += ["", "mean over batches (work: real queries; compute: padding queries too)", head, "-" * len(head)]
-        for name, s in self.summary().items():
+        summary = self.summary()
+        for name, s in summary.items():
             lines.append(f"{name:<18} {s['work_imbalance_mean']:>13.3f} {s['work_imbalance_max']:>11.3f} "
                          f"{s['compute_imbalance_mean']:>16.3f} {s['token_imbalance_mean']:>15.3f} "
                          f"{s['padding_fraction']:>8.2%}")
+        if "ulysses" in summary:
+            lines.append("ulysses: heads are split after the all-to-all, so every rank computes total/W")
         return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", 
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists()
+    """A ``save_to_disk`` directory: a Dataset (state.json) or a DatasetDict (dataset_dict.json)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
 
 
 def resolve_files(paths: Sequence[str | Path]) -> tuple[str, list[Path]]:
@@ -33,7 +34,12 @@ def resolve_files(paths: Sequence[str | Path]) -> tuple[str, list[Path]]:
                 raise ValueError(f"{raw} is a saved dataset; inspect it on its own")
             return "saved", [path]
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in SUFFIXES and p.is_file()
+                # the metadata files of a saved dataset below are not documents
+                and not any(_is_saved_dataset(q) for q in p.parents if q.is_relative_to(path))
+            )
             if not found:
                 raise ValueError(f"{raw} holds no {'/'.join(sorted(SUFFIXES))} files")
             files += found
