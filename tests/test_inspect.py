@@ -212,3 +212,28 @@ def test_plots_draw_the_numbers(tmp_path):
     fig = plot_doc_lengths(lens, tmp_path / "hist.png")
     assert sum(p.get_height() for p in fig.axes[0].patches) == len(lens)
     assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("work.png", "map.png", "hist.png"))
+
+
+def test_resolve_files(tmp_path):
+    from cp_data.inspect.sources import resolve_files
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "a" / "y.json").write_text('[{"text": "yo"}]')
+    saved = tmp_path / "a" / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    (saved / "dataset_info.json").write_text("{}")
+    assert resolve_files([tmp_path / "a"]) == ("json", [tmp_path / "a" / "x.jsonl", tmp_path / "a" / "y.json"])
+    assert resolve_files([saved]) == ("saved", [saved])
+    (tmp_path / "b.txt").write_text("one\ntwo\n")
+    with pytest.raises(ValueError, match="mixed file formats"):
+        resolve_files([tmp_path / "a", tmp_path / "b.txt"])
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        resolve_files([tmp_path / "nope.txt"])
+    (tmp_path / "c.csv").write_text("a\n")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        resolve_files([tmp_path / "c.csv"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        resolve_files([tmp_path / "empty"])
