@@ -172,6 +172,7 @@ def test_row_from_instances():
     assert row.cu_doc_lens.tolist() == [0, 3, 5, 10]
     assert row.padding_mask.tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]
     m = shard_metrics(row, "llama3", 2)
+    assert shard_metrics(inst, "llama3", 2).to_dict() == m.to_dict()
     assert m.documents.tolist() == [1, 1]  # the padding-only document is not counted
     assert m.padding.tolist() == [2, 0]
     with pytest.raises(ValueError, match="doc_lens"):

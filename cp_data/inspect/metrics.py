@@ -86,9 +86,12 @@ def _as_cu(cu_doc_lens: Any) -> np.ndarray:
 
 
 def as_row(batch: BatchRow | Any, padding_mask: Any = None) -> BatchRow:
-    """A :class:`BatchRow` from a row or from ``cu_doc_lens`` (+ optional padding mask)."""
+    """A :class:`BatchRow` from a row, a list of packed instances (pad token 0), or ``cu_doc_lens``
+    (+ optional padding mask)."""
     if isinstance(batch, BatchRow):
         return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Mapping):
+        return row_from_instances(batch)
     cu = _as_cu(batch)
     if padding_mask is None:
         mask = np.zeros(int(cu[-1]), dtype=bool)
@@ -237,8 +240,8 @@ def shard_metrics(
 ) -> ShardMetrics:
     """Per-rank tokens, padding, documents and causal work of ``balancer`` on one batch.
 
-    ``batch`` is a :class:`BatchRow` or the ``cu_doc_lens`` of the global row (then
-    ``padding_mask`` optionally marks the instances' padding). See the module docstring for how
+    ``batch`` is a :class:`BatchRow`, a list of packed instances, or the ``cu_doc_lens`` of the
+    global row (then ``padding_mask`` optionally marks the instances' padding). See the module docstring for how
     work is counted.
     """
     kind = RingAttentionLoadBalancerType.parse(balancer)
