@@ -3,8 +3,7 @@
 Rows of ``seq_len`` tokens are filled with lognormal document lengths (the last one cut to fit),
 as a concat packer would. For every mix the figures are averages over the rows of max/mean causal
 work under llama3 slicing: the original order, :func:`llama3_balanced_order`, and a lower bound
-no order can beat (the mean, or the best placement of the longest document alone when it is
-longer than a rank's slice).
+no order can beat (see :func:`work_lower_bound`).
 """
 
 from __future__ import annotations
@@ -42,20 +41,47 @@ def sample_rows(num_rows: int, seq_len: int, median: float, sigma: float, seed: 
     return rows
 
 
+def _fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """``f[c]``: least work of ``c`` tokens taken from these documents, ``c = 0..max_tokens``.
+
+    A rank's tokens from other documents are one contiguous piece per document, and a piece of
+    ``x`` tokens costs at least ``x (x + 1) / 2``; the cost is convex, so spreading ``c`` over as
+    many documents as possible (pieces of ``min(d, level)`` tokens) is the cheapest.
+    """
+    d = np.sort(other_lens)
+    level = np.arange(int(d.max()) + 1 if d.size else 1)
+    # Tokens and work with every piece cut at `level`, then each piece longer than it adds level + 1.
+    capped = np.minimum(d[None, :], level[:, None])
+    tokens = capped.sum(axis=1)
+    work = (capped * (capped + 1) / 2).sum(axis=1)
+    wider = (d[None, :] > level[:, None]).sum(axis=1)
+    c = np.arange(max_tokens + 1)
+    k = np.clip(np.searchsorted(tokens, c, side="right") - 1, 0, len(level) - 1)
+    # More tokens than all documents hold cannot happen in a real row: make them free (a bound).
+    return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
+
+
 def work_lower_bound(doc_lens: np.ndarray, cp_world_size: int) -> float:
-    """A bound on the busiest rank's work under llama3 slicing that no document order beats."""
+    """A bound on the busiest rank's work under llama3 slicing that no document order beats.
+
+    The larger of the mean and, over every start of the longest document, the least possible
+    busiest rank among those it touches: its own part there plus the cheapest way to fill the rest
+    of that rank with the other documents (:func:`_fill_work_bound`).
+    """
     lens = np.asarray(doc_lens, dtype=np.int64)
     total = int(lens.sum())
     local = -(-total // cp_world_size)
-    bound = float((lens * (lens + 1) / 2).sum() / cp_world_size)
-    longest = int(lens.max())
-    if longest > local:  # try every start of the longest document: its own share alone
-        start = np.arange(total - longest + 1)[:, None]
-        edges = np.arange(cp_world_size + 1)[None, :] * local
-        hi = np.clip(edges[:, 1:] - start, 0, longest).astype(np.float64)
-        lo = np.clip(edges[:, :-1] - start, 0, longest).astype(np.float64)
-        bound = max(bound, float((hi * (hi + 1) / 2 - lo * (lo + 1) / 2).max(axis=1).min()))
-    return bound
+    longest_at = int(np.argmax(lens))
+    longest = int(lens[longest_at])
+    fill = _fill_work_bound(np.delete(lens, longest_at), local)
+    start = np.arange(total - longest + 1)[:, None]
+    edges = np.arange(cp_world_size + 1)[None, :] * local
+    hi = np.clip(edges[:, 1:] - start, 0, longest)
+    lo = np.clip(edges[:, :-1] - start, 0, longest)
+    own = (hi * (hi + 1) / 2 - lo * (lo + 1) / 2).astype(np.float64)
+    room = np.clip(np.minimum(edges[:, 1:], total) - edges[:, :-1], 0, None) - (hi - lo)
+    busiest = np.where(hi > lo, own + fill[np.clip(room, 0, local)], 0.0).max(axis=1).min()
+    return max(float((lens * (lens + 1) / 2).sum() / cp_world_size), float(busiest))
 
 
 def _imbalance(works: np.ndarray) -> float:
