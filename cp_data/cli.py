@@ -49,15 +49,43 @@ def _positive(text: str) -> int:
 
 def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: int) -> None:
     p.add_argument("--cp", type=_positive, default=4, metavar="W", help="context-parallel degree (default 4)")
-    p.add_argument("--seq-len", type=_positive, default=seq_len, metavar="S", help=f"packed row length (default {seq_len})")
-    p.add_argument("--balancer", choices=BALANCERS + ["all"], default="all", help="balancer to show (default all)")
-    p.add_argument("--batches", type=_positive, default=batches, metavar="N", help=f"batches to inspect (default {batches})")
-    p.add_argument("--batch-size", type=_positive, default=batch_size, metavar="B",
-                   help=f"packed rows per batch, flattened into one row (default {batch_size})")
-    p.add_argument("--length-multiple", type=_positive, default=None, metavar="M",
-                   help="pad shards to a multiple of M (as the collator's length_multiple)")
-    p.add_argument("--tokenizer", choices=["bpe", "bytes"], default="bpe",
-                   help="local byte-level BPE (trained on the pydoc topics) or raw bytes (default bpe)")
+    p.add_argument(
+        "--seq-len",
+        type=_positive,
+        default=seq_len,
+        metavar="S",
+        help=f"packed row length (default {seq_len})",
+    )
+    p.add_argument(
+        "--balancer", choices=BALANCERS + ["all"], default="all", help="balancer to show (default all)"
+    )
+    p.add_argument(
+        "--batches",
+        type=_positive,
+        default=batches,
+        metavar="N",
+        help=f"batches to inspect (default {batches})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=batch_size,
+        metavar="B",
+        help=f"packed rows per batch, flattened into one row (default {batch_size})",
+    )
+    p.add_argument(
+        "--length-multiple",
+        type=_positive,
+        default=None,
+        metavar="M",
+        help="pad shards to a multiple of M (as the collator's length_multiple)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=["bpe", "bytes"],
+        default="bpe",
+        help="local byte-level BPE (trained on the pydoc topics) or raw bytes (default bpe)",
+    )
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -68,16 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cp-data", description="See how packed documents land on context-parallel ranks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="embedded corpus -> pack -> shard for W ranks -> metrics")
-    demo.add_argument("--corpus", choices=["pydoc", "stdlib", "both"], default="pydoc",
-                      help="embedded corpus: Python's help topics, its stdlib .py files, or both")
+    demo.add_argument(
+        "--corpus",
+        choices=["pydoc", "stdlib", "both"],
+        default="pydoc",
+        help="embedded corpus: Python's help topics, its stdlib .py files, or both",
+    )
     _shared(demo, seq_len=4096, batches=8, batch_size=2)
     insp = sub.add_parser("inspect", help="metrics for your own files or saved HF dataset")
-    insp.add_argument("paths", nargs="+", help=".txt/.jsonl/.json/.parquet files, directories, or a saved dataset dir")
+    insp.add_argument(
+        "paths", nargs="+", help=".txt/.jsonl/.json/.parquet files, directories, or a saved dataset dir"
+    )
     insp.add_argument("--text-column", default="text", help="column holding the text (default 'text')")
     insp.add_argument("--doc-per-file", action="store_true", help="one document per text file, not per line")
     _shared(insp, seq_len=8192, batches=4, batch_size=1)
     bench = sub.add_parser("bench", help="run the benchmarks and print their ratios")
-    bench.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all: {', '.join(BENCH_ORDER)})")
+    bench.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all: {', '.join(BENCH_ORDER)})"
+    )
     bench.add_argument("--quick", action="store_true", help="small sizes (seconds, not minutes)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
@@ -93,15 +129,26 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
 
     batches = list(iter_batches(packed, args.batch_size, args.batches))
     if not batches:
-        raise ValueError(f"only {len(packed)} packed rows of {args.seq_len} tokens: not enough for one batch of "
-                         f"{args.batch_size}; lower --batch-size or --seq-len")
-    report = inspect_batches(batches, args.cp, _kinds(args), seq_len=args.seq_len, batch_size=args.batch_size,
-                             length_multiple=args.length_multiple, progress=not args.no_progress)
+        raise ValueError(
+            f"only {len(packed)} packed rows of {args.seq_len} tokens: not enough for one batch of "
+            f"{args.batch_size}; lower --batch-size or --seq-len"
+        )
+    report = inspect_batches(
+        batches,
+        args.cp,
+        _kinds(args),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        length_multiple=args.length_multiple,
+        progress=not args.no_progress,
+    )
     report.packing = packed.metrics()
     # Show the ranks of the batch with the most documents: where balancers differ most.
     shown = max(range(len(batches)), key=lambda b: sum(len(i["doc_lens"]) for i in batches[b]))
     comparison = report.comparisons[shown]
-    previews = shard_previews(batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple)
+    previews = shard_previews(
+        batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
+    )
     plots = []
     if args.plot:
         from cp_data.inspect.plots import use_file_backend
@@ -139,8 +186,10 @@ def _demo(args: argparse.Namespace) -> None:
         bar.update()
         tokenizer = get_tokenizer(args.tokenizer)
         bar.update()
-    header = (f"embedded corpus '{args.corpus}': {len(corpus)} documents -> {len(packed)} rows of {args.seq_len} "
-              f"tokens; CP degree {args.cp}")
+    header = (
+        f"embedded corpus '{args.corpus}': {len(corpus)} documents -> {len(packed)} rows of {args.seq_len} "
+        f"tokens; CP degree {args.cp}"
+    )
     _report(args, packed, tokenizer.decode, header)
 
 
@@ -148,8 +197,12 @@ def _inspect(args: argparse.Namespace) -> None:
     from cp_data.inspect.sources import load_documents, pack_documents
 
     dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
-    packed, tokenizer = pack_documents(dataset, args.seq_len, tokenizer=args.tokenizer, text_column=args.text_column)
-    header = f"{' '.join(args.paths)}: {len(dataset)} documents -> {len(packed)} rows of {args.seq_len} tokens"
+    packed, tokenizer = pack_documents(
+        dataset, args.seq_len, tokenizer=args.tokenizer, text_column=args.text_column
+    )
+    header = (
+        f"{' '.join(args.paths)}: {len(dataset)} documents -> {len(packed)} rows of {args.seq_len} tokens"
+    )
     _report(args, packed, tokenizer.decode if tokenizer is not None else None, header)
 
 
@@ -187,7 +240,11 @@ def _bench(args: argparse.Namespace) -> None:
             if run is None:
                 raise ValueError(f"benchmark {name!r} has no run(); run it without --quick/--json")
             accepted = inspect.signature(run).parameters
-            kwargs = {k: v for k, v in QUICK_BENCH_KWARGS.get(name, {}).items() if k in accepted} if args.quick else {}
+            kwargs = (
+                {k: v for k, v in QUICK_BENCH_KWARGS.get(name, {}).items() if k in accepted}
+                if args.quick
+                else {}
+            )
             results[name] = run(**kwargs)
             if not args.json:
                 print(f"{name}:" + ("  (quick sizes)" if kwargs else ""))

@@ -25,7 +25,9 @@ def data_dir(tmp_path_factory):
 
     rng = random.Random(0)
     words = "the of and to in is that for it as with was on be by this are from or an".split()
-    texts = [" ".join(rng.choice(words) for _ in range(int(rng.lognormvariate(4.0, 1.0)) + 1)) for _ in range(150)]
+    texts = [
+        " ".join(rng.choice(words) for _ in range(int(rng.lognormvariate(4.0, 1.0)) + 1)) for _ in range(150)
+    ]
     root = tmp_path_factory.mktemp("data")
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (root / "docs.txt").write_text("\n".join(texts) + "\n")
@@ -37,8 +39,13 @@ def data_dir(tmp_path_factory):
 
 
 def run(args, env, ok=True):
-    proc = subprocess.run(PYTHON_M + [*args, "--no-progress"] if args[0] != "bench" else PYTHON_M + args,
-                          capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run(
+        PYTHON_M + [*args, "--no-progress"] if args[0] != "bench" else PYTHON_M + args,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -51,22 +58,36 @@ def test_demo_tables_and_plots(env, tmp_path):
         assert name in out
     assert "Traceback" not in proc.stderr
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == sorted(["doc_lengths.png", "rank_work.png", "shard_map_zig_zag.png", "shard_map_llama3.png",
-                              "shard_map_ulysses.png", "shard_map_llama3_reordered.png"])
+    assert written == sorted(
+        [
+            "doc_lengths.png",
+            "rank_work.png",
+            "shard_map_zig_zag.png",
+            "shard_map_llama3.png",
+            "shard_map_ulysses.png",
+            "shard_map_llama3_reordered.png",
+        ]
+    )
     assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in written)
 
 
 def test_demo_json_matches_collated_shards(env):
-    proc = run(["demo", "--cp", "4", "--batches", "2", "--batch-size", "2", "--json", "--length-multiple", "8"], env)
+    proc = run(
+        ["demo", "--cp", "4", "--batches", "2", "--batch-size", "2", "--json", "--length-multiple", "8"], env
+    )
     report = json.loads(proc.stdout)
     assert report["cp_world_size"] == 4 and report["num_batches"] == 2
     shown = report["batches"][report["shown_batch"]]
     for name, metrics in shown.items():
         previews = report["previews"][name]
         # What the collator hands each rank is exactly the tokens plus padding the metrics count.
-        assert [p["local_len"] for p in previews] == [t + p for t, p in zip(metrics["tokens"], metrics["padding"])]
+        assert [p["local_len"] for p in previews] == [
+            t + p for t, p in zip(metrics["tokens"], metrics["padding"])
+        ]
         assert all(p["first_text"] is not None for p in previews)
-    assert sum(shown["llama3"]["tokens"]) == sum(shown["zig_zag"]["tokens"]) == sum(shown["ulysses"]["tokens"])
+    assert (
+        sum(shown["llama3"]["tokens"]) == sum(shown["zig_zag"]["tokens"]) == sum(shown["ulysses"]["tokens"])
+    )
     assert report["summary"]["ulysses"]["work_imbalance_mean"] == pytest.approx(1.0)
 
 
@@ -80,11 +101,24 @@ def test_demo_json_matches_collated_shards(env):
     ],
 )
 def test_inspect_json(env, data_dir, inputs, extra):
-    proc = run(["inspect", *[str(data_dir / i) for i in inputs], "--seq-len", "1024", "--batches", "3", "--json", *extra], env)
+    proc = run(
+        [
+            "inspect",
+            *[str(data_dir / i) for i in inputs],
+            "--seq-len",
+            "1024",
+            "--batches",
+            "3",
+            "--json",
+            *extra,
+        ],
+        env,
+    )
     report = json.loads(proc.stdout)
     assert report["num_batches"] == 3 and report["seq_len"] == 1024
     expected = {"llama3": ["llama3", "llama3_reordered"], "zig_zag": ["zig_zag"]}.get(
-        (extra or [""])[-1], ["zig_zag", "llama3", "ulysses", "llama3_reordered"])
+        (extra or [""])[-1], ["zig_zag", "llama3", "ulysses", "llama3_reordered"]
+    )
     assert list(report["summary"]) == expected
     for batch in report["batches"]:
         for m in batch.values():
@@ -97,9 +131,26 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
     exe = shutil.which("cp-data")
     if exe is None:
         pytest.skip("cp-data console script not installed")
-    proc = subprocess.run([exe, "inspect", str(data_dir / "docs.jsonl"), "--cp", "2", "--seq-len", "512",
-                           "--batches", "2", "--plot", str(tmp_path / "plots"), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run(
+        [
+            exe,
+            "inspect",
+            str(data_dir / "docs.jsonl"),
+            "--cp",
+            "2",
+            "--seq-len",
+            "512",
+            "--batches",
+            "2",
+            "--plot",
+            str(tmp_path / "plots"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mean over batches" in proc.stdout and "llama3_reordered" in proc.stdout
     assert (tmp_path / "plots" / "rank_work.png").exists()
@@ -109,7 +160,11 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
     "args, message, code",
     [
         (["inspect", "missing.jsonl"], "no such file or directory: missing.jsonl", 1),
-        (["inspect", "{data}/docs.jsonl", "--cp", "0"], "argument --cp: expected a positive integer, got 0", 2),
+        (
+            ["inspect", "{data}/docs.jsonl", "--cp", "0"],
+            "argument --cp: expected a positive integer, got 0",
+            2,
+        ),
         (["inspect", "{data}/docs.jsonl", "--balancer", "ring"], "invalid choice: 'ring'", 2),
         (["inspect", "{data}/notes.csv"], "unsupported file type '.csv'", 1),
         (["inspect", "{data}/docs.jsonl", "--text-column", "body"], "column 'body' not found", 1),

@@ -32,8 +32,8 @@ def padded_layout(kind, lens, world, multiple):
             chunk = padded // (2 * world)
             slots = [(d, o, o >= n) for o in range(padded)]
             for r in range(world):
-                shards[r] += slots[r * chunk:(r + 1) * chunk]
-                shards[r] += slots[(2 * world - 1 - r) * chunk:(2 * world - r) * chunk]
+                shards[r] += slots[r * chunk : (r + 1) * chunk]
+                shards[r] += slots[(2 * world - 1 - r) * chunk : (2 * world - r) * chunk]
         if multiple is not None:
             for r in range(world):
                 extra = -(-len(shards[r]) // multiple) * multiple - len(shards[r])
@@ -45,7 +45,7 @@ def padded_layout(kind, lens, world, multiple):
     row = [(d, o, False) for d, n in enumerate(lens) for o in range(n)]
     row += [(len(lens), o, True) for o in range(-(-total // step) * step - total)]
     local = len(row) // world
-    return [row[r * local:(r + 1) * local] for r in range(world)]
+    return [row[r * local : (r + 1) * local] for r in range(world)]
 
 
 def brute_force(kind, lens, world, multiple, pad_docs=()):
@@ -74,8 +74,12 @@ def brute_force(kind, lens, world, multiple, pad_docs=()):
 lens_st = st.lists(st.integers(1, 23), min_size=1, max_size=7)
 
 
-@given(lens_st, st.sampled_from(["zig_zag", "llama3", "ulysses"]), st.integers(1, 4),
-       st.sampled_from([None, 1, 3, 8]))
+@given(
+    lens_st,
+    st.sampled_from(["zig_zag", "llama3", "ulysses"]),
+    st.integers(1, 4),
+    st.sampled_from([None, 1, 3, 8]),
+)
 def test_metrics_match_brute_force(lens, kind, world, multiple):
     if kind == "ulysses" and multiple is not None and multiple % world:
         multiple = world * multiple
@@ -122,7 +126,8 @@ def test_comparison_and_reordering():
     assert comp.metrics["ulysses"].work_imbalance == pytest.approx(1.0)
     reordered = comp.metrics[REORDERED]
     assert reordered.work.max() == pytest.approx(
-        llama3_rank_work(lens[llama3_balanced_order(lens, 4)], 4).max())
+        llama3_rank_work(lens[llama3_balanced_order(lens, 4)], 4).max()
+    )
     assert reordered.work_imbalance < comp.metrics["llama3"].work_imbalance
     assert reordered.work.sum() == pytest.approx(comp.metrics["llama3"].work.sum())
     d = json.loads(json.dumps(comp.to_dict()))
@@ -148,9 +153,12 @@ def test_shard_map_matches_shards(lens, kind, world):
     n = int(cu[-1])
     smap = shard_map(cu, kind, world)
     for r in range(world):
-        balancer = __import__("cp_data").RingAttentionLoadBalancerType(kind).create(cp_rank=r, cp_world_size=world)
+        balancer = (
+            __import__("cp_data").RingAttentionLoadBalancerType(kind).create(cp_rank=r, cp_world_size=world)
+        )
         (shard,), _ = balancer.batch_shard_by_document(
-            inputs=[torch.arange(n)], seq_dims=[0], cu_doc_lens=torch.tensor(cu), pad_values=[-1])
+            inputs=[torch.arange(n)], seq_dims=[0], cu_doc_lens=torch.tensor(cu), pad_values=[-1]
+        )
         held = [p for p in shard.tolist() if p >= 0]
         assert sorted(held) == np.flatnonzero(smap.rank == r).tolist()
         assert all(shard[smap.local_position[p]] == p for p in held)
@@ -159,13 +167,16 @@ def test_shard_map_matches_shards(lens, kind, world):
     assert table.sum(axis=1).tolist() == list(lens)
     starts, run_lens, ranks = smap.runs()
     assert run_lens.sum() == n
-    assert all((smap.rank[s:s + k] == rk).all() for s, k, rk in zip(starts, run_lens, ranks))
+    assert all((smap.rank[s : s + k] == rk).all() for s, k, rk in zip(starts, run_lens, ranks))
 
 
 def test_row_from_instances():
     inst = [
-        dict(input_ids=torch.tensor([5, 6, 7, 0, 0]), doc_lens=torch.tensor([3, 2]),
-             label_mask=torch.tensor([True, True, True, False, False])),
+        dict(
+            input_ids=torch.tensor([5, 6, 7, 0, 0]),
+            doc_lens=torch.tensor([3, 2]),
+            label_mask=torch.tensor([True, True, True, False, False]),
+        ),
         dict(input_ids=torch.tensor([1, 2, 0, 4, 9]), doc_lens=torch.tensor([5])),
     ]
     row = row_from_instances(inst)
@@ -201,8 +212,8 @@ def test_plots_draw_the_numbers(tmp_path):
     heights = [p.get_height() for p in fig.axes[0].patches]
     # Per balancer: W work bars, then W padding bars stacked on them.
     for i, m in enumerate(comp.metrics.values()):
-        assert heights[6 * i:6 * i + 3] == pytest.approx(m.work.tolist())
-        assert heights[6 * i + 3:6 * i + 6] == pytest.approx(m.padding_work.tolist())
+        assert heights[6 * i : 6 * i + 3] == pytest.approx(m.work.tolist())
+        assert heights[6 * i + 3 : 6 * i + 6] == pytest.approx(m.padding_work.tolist())
     smap = shard_map(cu, "zig_zag", 3)
     fig = plot_shard_map(smap, tmp_path / "map.png")
     bars = fig.axes[0].patches
@@ -225,7 +236,10 @@ def test_resolve_files(tmp_path):
     saved.mkdir()
     (saved / "state.json").write_text("{}")
     (saved / "dataset_info.json").write_text("{}")
-    assert resolve_files([tmp_path / "a"]) == ("json", [tmp_path / "a" / "x.jsonl", tmp_path / "a" / "y.json"])
+    assert resolve_files([tmp_path / "a"]) == (
+        "json",
+        [tmp_path / "a" / "x.jsonl", tmp_path / "a" / "y.json"],
+    )
     assert resolve_files([saved]) == ("saved", [saved])
     (tmp_path / "b.txt").write_text("one\ntwo\n")
     with pytest.raises(ValueError, match="mixed file formats"):

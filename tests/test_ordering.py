@@ -22,9 +22,7 @@ def brute_force_work(doc_lens, world, length_multiple=None):
             doc_start[pos] = a
     balancer = RingAttentionLoadBalancerType.llama3.create(cp_rank=0, cp_world_size=world)
     plans = balancer.plan_all_ranks(int(cu[-1]), cu, length_multiple=length_multiple)
-    return [
-        sum(pos - doc_start[pos] + 1 for pos in plan.index.tolist() if pos != PAD) for plan in plans
-    ]
+    return [sum(pos - doc_start[pos] + 1 for pos in plan.index.tolist() if pos != PAD) for plan in plans]
 
 
 def realistic_row(rng, seq_len=8192, median=300.0, sigma=0.8):
@@ -86,8 +84,12 @@ def test_close_to_exhaustive_optimum_on_small_rows(world):
     rng = np.random.default_rng(world)
     ratios = []
     for _ in range(30):
-        lens = np.clip(rng.lognormal(np.log(200), 1.0, size=int(rng.integers(1, 7))).astype(np.int64), 1, None)
-        best = min(llama3_rank_work(lens[list(p)], world).max() for p in itertools.permutations(range(lens.size)))
+        lens = np.clip(
+            rng.lognormal(np.log(200), 1.0, size=int(rng.integers(1, 7))).astype(np.int64), 1, None
+        )
+        best = min(
+            llama3_rank_work(lens[list(p)], world).max() for p in itertools.permutations(range(lens.size))
+        )
         # The benchmark's lower bound must hold for every order, the best included.
         assert work_lower_bound(lens, world) <= best * (1 + 1e-12)
         ratios.append(llama3_rank_work(lens[llama3_balanced_order(lens, world)], world).max() / best)
@@ -106,7 +108,10 @@ def test_deterministic_and_keeps_documents_whole():
     docs = np.split(tokens, np.cumsum(lens)[:-1])
     reordered = np.concatenate([docs[i] for i in perm])
     assert sorted(reordered.tolist()) == tokens.tolist()
-    assert all(np.array_equal(part, docs[i]) for part, i in zip(np.split(reordered, np.cumsum(lens[perm])[:-1]), perm))
+    assert all(
+        np.array_equal(part, docs[i])
+        for part, i in zip(np.split(reordered, np.cumsum(lens[perm])[:-1]), perm)
+    )
 
 
 def test_example_long_tail_document_moves_off_last_rank():

@@ -49,7 +49,11 @@ def _check(doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None
     lens = lens.astype(np.int64)
     if (lens < 0).any():
         raise ShardingError(f"doc_lens must be >= 0, got {lens[lens < 0][:4].tolist()}")
-    if isinstance(cp_world_size, bool) or not isinstance(cp_world_size, (int, np.integer)) or cp_world_size < 1:
+    if (
+        isinstance(cp_world_size, bool)
+        or not isinstance(cp_world_size, (int, np.integer))
+        or cp_world_size < 1
+    ):
         raise ShardingError(f"cp_world_size must be an int >= 1, got {cp_world_size!r}")
     multiple = int(cp_world_size) * (check_length_multiple(length_multiple) or 1)
     return lens, round_up(int(lens.sum()), multiple) // int(cp_world_size)
@@ -129,7 +133,9 @@ def _move_scores(
     sj, ej, dj, wj, Fj = cols(jj[f])
     tail = ej - di
     inside = (inner >= si) & (inner < ej)
-    fwd = np.where(inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + _tri(inner - tail)), base)
+    fwd = np.where(
+        inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + _tri(inner - tail)), base
+    )
     # Move i back to position j < i: i starts the block, documents j..i-1 shift right by d_i.
     b = ~f
     si, ei, di, wi, _ = cols(ii[b])
@@ -241,4 +247,3 @@ def llama3_balanced_order(
         if score < best_score:
             best, best_score = np.concatenate([order, identity[lens == 0]]), score
     return best
-

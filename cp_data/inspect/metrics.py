@@ -21,7 +21,7 @@ rank computes ``total / W`` of the work whatever tokens it holds; ``tokens``, ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -119,7 +119,11 @@ def row_from_instances(instances: Sequence[Mapping[str, Any]], pad_token_id: int
     if int(lens.sum()) != ids.size or (lens <= 0).any():
         raise ValueError(f"doc_lens must be > 0 and sum to the {ids.size} tokens of the batch")
     masks = [
-        np.asarray(inst["label_mask"], dtype=bool) if "label_mask" in inst else np.ones(len(inst["input_ids"]), bool)
+        (
+            np.asarray(inst["label_mask"], dtype=bool)
+            if "label_mask" in inst
+            else np.ones(len(inst["input_ids"]), bool)
+        )
         for inst in instances
     ]
     padding = ~np.concatenate(masks) & (ids == pad_token_id)
@@ -189,9 +193,12 @@ class ShardMetrics:
 
     def render(self) -> str:
         """A per-rank text table."""
-        lines = [f"{self.balancer}: work imbalance {self.work_imbalance:.3f}, "
-                 f"compute imbalance {self.compute_imbalance:.3f}, token imbalance {self.token_imbalance:.3f}, padding {self.padding_fraction:.2%}",
-                 f"  {'rank':>4} {'tokens':>8} {'padding':>8} {'docs':>5} {'work':>12} {'pad work':>10}"]
+        lines = [
+            f"{self.balancer}: work imbalance {self.work_imbalance:.3f}, compute imbalance "
+            f"{self.compute_imbalance:.3f}, token imbalance {self.token_imbalance:.3f}, "
+            f"padding {self.padding_fraction:.2%}",
+            f"  {'rank':>4} {'tokens':>8} {'padding':>8} {'docs':>5} {'work':>12} {'pad work':>10}",
+        ]
         for r in range(self.cp_world_size):
             lines.append(
                 f"  {r:>4} {self.tokens[r]:>8} {self.padding[r]:>8} {self.documents[r]:>5} "
@@ -241,8 +248,8 @@ def shard_metrics(
     """Per-rank tokens, padding, documents and causal work of ``balancer`` on one batch.
 
     ``batch`` is a :class:`BatchRow`, a list of packed instances, or the ``cu_doc_lens`` of the
-    global row (then ``padding_mask`` optionally marks the instances' padding). See the module docstring for how
-    work is counted.
+    global row (then ``padding_mask`` optionally marks the instances' padding). The module
+    docstring says how work is counted.
     """
     kind = RingAttentionLoadBalancerType.parse(balancer)
     row = as_row(batch, padding_mask)
@@ -286,17 +293,25 @@ class BalancerComparison:
     def summary(self) -> list[dict[str, Any]]:
         """One row per balancer: imbalances, the busiest rank's work, padding."""
         return [
-            dict(balancer=name, work_imbalance=m.work_imbalance, compute_imbalance=m.compute_imbalance,
-                 token_imbalance=m.token_imbalance,
-                 max_work=float(m.work.max()), padding=int(m.padding.sum()),
-                 padding_fraction=m.padding_fraction, padding_work=float(m.padding_work.sum()))
+            dict(
+                balancer=name,
+                work_imbalance=m.work_imbalance,
+                compute_imbalance=m.compute_imbalance,
+                token_imbalance=m.token_imbalance,
+                max_work=float(m.work.max()),
+                padding=int(m.padding.sum()),
+                padding_fraction=m.padding_fraction,
+                padding_work=float(m.padding_work.sum()),
+            )
             for name, m in self.metrics.items()
         ]
 
     def render(self, per_rank: bool = False) -> str:
         """A text table (and each balancer's per-rank table when ``per_rank``)."""
-        head = (f"{'balancer':<18} {'work max/mean':>13} {'compute max/mean':>16} {'tokens max/mean':>15} "
-                f"{'max work':>12} {'padding':>8}")
+        head = (
+            f"{'balancer':<18} {'work max/mean':>13} {'compute max/mean':>16} {'tokens max/mean':>15} "
+            f"{'max work':>12} {'padding':>8}"
+        )
         lines = [head, "-" * len(head)]
         for s in self.summary():
             lines.append(
@@ -332,8 +347,5 @@ def compare_balancers(
     if reorder and RingAttentionLoadBalancerType.llama3 in kinds:
         perm = llama3_balanced_order(row.doc_lens, cp_world_size, length_multiple)
         m = shard_metrics(row.reordered(perm), "llama3", cp_world_size, length_multiple=length_multiple)
-        out[REORDERED] = ShardMetrics(REORDERED, *[getattr(m, f) for f in _FIELDS[1:]])
+        out[REORDERED] = replace(m, balancer=REORDERED)
     return BalancerComparison(out)
-
-
-_FIELDS = ("balancer", "cp_world_size", "seq_len", "tokens", "padding", "documents", "work", "padding_work")

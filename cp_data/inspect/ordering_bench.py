@@ -30,7 +30,9 @@ def sample_rows(num_rows: int, seq_len: int, median: float, sigma: float, seed: 
     rng = np.random.default_rng(seed)
     # Draw more lengths than any row needs, then cut each row where it reaches seq_len.
     per_row = int(4 * seq_len / max(1.0, median)) + 16
-    draws = np.clip(rng.lognormal(np.log(median), sigma, size=(num_rows, per_row)), 1, seq_len).astype(np.int64)
+    draws = np.clip(rng.lognormal(np.log(median), sigma, size=(num_rows, per_row)), 1, seq_len).astype(
+        np.int64
+    )
     rows = []
     for lens in draws:
         ends = np.cumsum(lens)
@@ -121,8 +123,10 @@ def main(quick: bool = False) -> dict:
     print(f"llama3 document order, W={world}, S={seq_len}: max/mean causal work over {num_rows} rows")
     print(f"{'mix':<48} {'docs':>5} {'original':>9} {'balanced':>9} {'p90':>6} {'bound':>6} {'ms/row':>7}")
     for name, r in result.items():
-        print(f"{name:<48} {r['docs_per_row']:>5.1f} {r['before']:>9.3f} {r['after']:>9.3f} "
-              f"{r['after_p90']:>6.3f} {r['bound']:>6.3f} {r['ms_per_row']:>7.2f}")
+        print(
+            f"{name:<48} {r['docs_per_row']:>5.1f} {r['before']:>9.3f} {r['after']:>9.3f} "
+            f"{r['after_p90']:>6.3f} {r['bound']:>6.3f} {r['ms_per_row']:>7.2f}"
+        )
     return result
 
 

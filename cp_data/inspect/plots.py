@@ -67,19 +67,36 @@ def plot_shard_map(
     doc = np.searchsorted(smap.cu_doc_lens, starts, side="right") - 1
     keep = doc < shown
     offset = starts - smap.cu_doc_lens[doc]
-    ax.barh(doc[keep], run_lens[keep], left=offset[keep], height=0.8,
-            color=[colors[r] for r in ranks[keep]], linewidth=0)
+    ax.barh(
+        doc[keep],
+        run_lens[keep],
+        left=offset[keep],
+        height=0.8,
+        color=[colors[r] for r in ranks[keep]],
+        linewidth=0,
+    )
     pad_left = np.concatenate([[0], np.cumsum(smap.padding)[:-1]])
-    ax.barh(np.full(smap.cp_world_size, shown), smap.padding, left=pad_left, height=0.8,
-            color=colors, hatch="//", edgecolor="white", linewidth=0)
+    ax.barh(
+        np.full(smap.cp_world_size, shown),
+        smap.padding,
+        left=pad_left,
+        height=0.8,
+        color=colors,
+        hatch="//",
+        edgecolor="white",
+        linewidth=0,
+    )
     ax.set_yticks(list(range(shown)) + [shown], [str(d) for d in range(shown)] + ["padding"])
     ax.invert_yaxis()
     ax.set_xlabel("position inside the document")
     ax.set_ylabel("document")
     hidden = f" (first {shown} of {len(lens)} documents)" if shown < len(lens) else ""
     ax.set_title(f"{title or smap.balancer}: which rank holds each token, W={smap.cp_world_size}{hidden}")
-    ax.legend(handles=[Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)],
-              loc="lower right", fontsize="small")
+    ax.legend(
+        handles=[Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)],
+        loc="lower right",
+        fontsize="small",
+    )
     return _finish(fig, path)
 
 
@@ -98,8 +115,14 @@ def plot_rank_work(comparison: BalancerComparison, path: str | Path | None = Non
         x = i + (np.arange(world) - (world - 1) / 2) * width
         ax.bar(x, m.work, width, color=colors)
         ax.bar(x, m.padding_work, width, bottom=m.work, color=colors, alpha=0.35, hatch="//")
-        ax.text(i, float((m.work + m.padding_work).max()), f"{m.work_imbalance:.2f}x",
-                ha="center", va="bottom", fontsize="small")
+        ax.text(
+            i,
+            float((m.work + m.padding_work).max()),
+            f"{m.work_imbalance:.2f}x",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("query-key pairs")
     top = max(float((m.work + m.padding_work).max()) for m in comparison.metrics.values())

@@ -61,18 +61,30 @@ class InspectReport:
 
     def render(self) -> str:
         """The aggregate table (and the first batch's per-rank tables)."""
-        lines = [f"{len(self.comparisons)} batch(es) of {self.batch_size} x {self.seq_len} tokens, "
-                 f"W={self.cp_world_size}" + (f", length_multiple={self.length_multiple}" if self.length_multiple else "")]
+        lines = [
+            f"{len(self.comparisons)} batch(es) of {self.batch_size} x {self.seq_len} tokens, "
+            f"W={self.cp_world_size}"
+            + (f", length_multiple={self.length_multiple}" if self.length_multiple else "")
+        ]
         if self.packing:
             lines.append("packing: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.packing.items()))
-        head = (f"{'balancer':<18} {'work max/mean':>13} {'worst batch':>11} {'compute max/mean':>16} "
-                f"{'tokens max/mean':>15} {'padding':>8}")
-        lines += ["", "mean over batches (work: real queries; compute: padding queries too)", head, "-" * len(head)]
+        head = (
+            f"{'balancer':<18} {'work max/mean':>13} {'worst batch':>11} {'compute max/mean':>16} "
+            f"{'tokens max/mean':>15} {'padding':>8}"
+        )
+        lines += [
+            "",
+            "mean over batches (work: real queries; compute: padding queries too)",
+            head,
+            "-" * len(head),
+        ]
         summary = self.summary()
         for name, s in summary.items():
-            lines.append(f"{name:<18} {s['work_imbalance_mean']:>13.3f} {s['work_imbalance_max']:>11.3f} "
-                         f"{s['compute_imbalance_mean']:>16.3f} {s['token_imbalance_mean']:>15.3f} "
-                         f"{s['padding_fraction']:>8.2%}")
+            lines.append(
+                f"{name:<18} {s['work_imbalance_mean']:>13.3f} {s['work_imbalance_max']:>11.3f} "
+                f"{s['compute_imbalance_mean']:>16.3f} {s['token_imbalance_mean']:>15.3f} "
+                f"{s['padding_fraction']:>8.2%}"
+            )
         if "ulysses" in summary:
             lines.append("ulysses: heads are split after the all-to-all, so every rank computes total/W")
         return "\n".join(lines)
@@ -99,7 +111,9 @@ def inspect_batches(
     report = InspectReport(cp_world_size, seq_len, batch_size, length_multiple)
     for instances in tqdm(batches, total=total, desc="inspect batches", unit="batch", disable=not progress):
         row = row_from_instances(instances, pad_token_id)
-        report.comparisons.append(compare_balancers(row, cp_world_size, kinds, length_multiple=length_multiple))
+        report.comparisons.append(
+            compare_balancers(row, cp_world_size, kinds, length_multiple=length_multiple)
+        )
         # Padding-only documents are not documents.
         real = np.add.reduceat(~row.padding_mask, row.cu_doc_lens[:-1]) > 0 if row.doc_lens.size else []
         report.doc_lens.append(row.doc_lens[real])
@@ -121,15 +135,29 @@ def shard_previews(
 
     out = {}
     for name in names:
-        options = dict(load_balancer="llama3", reorder_documents=True) if name == REORDERED else dict(load_balancer=name)
+        options = (
+            dict(load_balancer="llama3", reorder_documents=True)
+            if name == REORDERED
+            else dict(load_balancer=name)
+        )
         ranks = []
         for r in range(cp_world_size):
-            collator = ContextParallelCollator(cp_rank=r, cp_world_size=cp_world_size, pad_token_id=pad_token_id,
-                                               length_multiple=length_multiple, **options)
+            collator = ContextParallelCollator(
+                cp_rank=r,
+                cp_world_size=cp_world_size,
+                pad_token_id=pad_token_id,
+                length_multiple=length_multiple,
+                **options,
+            )
             ids = collator(list(instances))["input_ids"][0]
             first = ids[:num_tokens].tolist()
-            ranks.append(dict(local_len=int(ids.numel()), first_ids=first,
-                              first_text=decode(first) if decode is not None else None))
+            ranks.append(
+                dict(
+                    local_len=int(ids.numel()),
+                    first_ids=first,
+                    first_text=decode(first) if decode is not None else None,
+                )
+            )
         out[name] = ranks
     return out
 
@@ -147,7 +175,9 @@ def render_rank_table(m: ShardMetrics, preview: list[dict[str, Any]] | None = No
     return "\n".join(lines)
 
 
-def save_plots(report: InspectReport, directory: str | Path, first_batch: Sequence[dict] | None = None) -> list[Path]:
+def save_plots(
+    report: InspectReport, directory: str | Path, first_batch: Sequence[dict] | None = None
+) -> list[Path]:
     """Shard maps of the first batch, work bars and the document length histogram, as PNG files."""
     from . import plots
 
@@ -166,8 +196,12 @@ def save_plots(report: InspectReport, directory: str | Path, first_batch: Sequen
         for name in report.comparisons[0].metrics if report.comparisons else ():
             written.append(directory / f"shard_map_{name}.png")
             if name == REORDERED:
-                smap = shard_map(row.reordered(llama3_balanced_order(row.doc_lens, world, multiple)), "llama3",
-                                 world, length_multiple=multiple)
+                smap = shard_map(
+                    row.reordered(llama3_balanced_order(row.doc_lens, world, multiple)),
+                    "llama3",
+                    world,
+                    length_multiple=multiple,
+                )
             else:
                 smap = shard_map(row, name, world, length_multiple=multiple)
             plots.plot_shard_map(smap, written[-1], title=name)

@@ -35,7 +35,8 @@ def resolve_files(paths: Sequence[str | Path]) -> tuple[str, list[Path]]:
             return "saved", [path]
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.suffix.lower() in SUFFIXES and p.is_file()
                 # the metadata files of a saved dataset below are not documents
                 and not any(_is_saved_dataset(q) for q in p.parents if q.is_relative_to(path))
@@ -45,8 +46,10 @@ def resolve_files(paths: Sequence[str | Path]) -> tuple[str, list[Path]]:
             files += found
         else:
             if path.suffix.lower() not in SUFFIXES:
-                raise ValueError(f"unsupported file type {path.suffix or '(none)'!r} for {raw}; "
-                                 f"expected one of {sorted(SUFFIXES)}")
+                raise ValueError(
+                    f"unsupported file type {path.suffix or '(none)'!r} for {raw}; "
+                    f"expected one of {sorted(SUFFIXES)}"
+                )
             files.append(path)
     builders = {SUFFIXES[f.suffix.lower()] for f in files}
     if len(builders) > 1:
@@ -73,14 +76,25 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
             ds = ds["train"]
         return ds
     if builder == "parquet":
-        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train",
-                                     cache_dir=str(default_cache_dir(cache_dir) / "hf"))
+        return datasets.load_dataset(
+            "parquet",
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(default_cache_dir(cache_dir) / "hf"),
+        )
     kwargs = {"sample_by": "document"} if doc_per_file and builder == "text" else {}
     return load_text_files([str(f) for f in files], file_format=builder, cache_dir=cache_dir, **kwargs)
 
 
-def pack_documents(dataset, seq_len: int, *, tokenizer: Any = "bpe", text_column: str = "text",
-                   cp_multiple: int | None = None, cache_dir: Any = None):
+def pack_documents(
+    dataset,
+    seq_len: int,
+    *,
+    tokenizer: Any = "bpe",
+    text_column: str = "text",
+    cp_multiple: int | None = None,
+    cache_dir: Any = None,
+):
     """Tokenise (unless the dataset already has ``input_ids``) and pack into a ``PackedDataset``.
 
     Returns ``(packed, tokenizer)``; the tokenizer is ``None`` when the dataset came tokenised.
@@ -92,8 +106,10 @@ def pack_documents(dataset, seq_len: int, *, tokenizer: Any = "bpe", text_column
     if "input_ids" in (dataset.column_names or []):
         return PackedDataset(dataset, config), None
     if text_column not in (dataset.column_names or []):
-        raise ValueError(f"column {text_column!r} not found; the dataset has columns {dataset.column_names} "
-                         "(pick one with --text-column)")
+        raise ValueError(
+            f"column {text_column!r} not found; the dataset has columns {dataset.column_names} "
+            "(pick one with --text-column)"
+        )
     tok = get_tokenizer(tokenizer, cache_dir=cache_dir)
     dataset = dataset.filter(lambda b: [bool(t) for t in b[text_column]], batched=True, desc="drop empty")
     ids = tokenize_dataset(dataset, tok, text_column=text_column)
