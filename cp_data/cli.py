@@ -81,6 +81,16 @@ def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: 
         help="pad shards to a multiple of M (as the collator's length_multiple)",
     )
     p.add_argument(
+        "--packing", choices=["bfd", "concat"], default="bfd", help="packing algorithm (default bfd)"
+    )
+    p.add_argument(
+        "--cp-multiple",
+        type=_positive,
+        default=None,
+        metavar="M",
+        help="CP-aware packing: pad every document to a multiple of M (e.g. 2W for zig_zag)",
+    )
+    p.add_argument(
         "--tokenizer",
         choices=["bpe", "bytes"],
         default="bpe",
@@ -171,18 +181,23 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
         print(f"wrote {p}")
 
 
+def _packing_config(args: argparse.Namespace):
+    from cp_data.packing import PackingConfig
+
+    return PackingConfig(seq_len=args.seq_len, algorithm=args.packing, cp_multiple=args.cp_multiple)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
-    from cp_data.packing import PackingConfig
 
     with tqdm(total=3, desc="demo", disable=args.no_progress) as bar:
         bar.set_postfix_str(f"corpus {args.corpus}")
         corpus = load_default_corpus(args.corpus, args.tokenizer)
         bar.update()
         bar.set_postfix_str("pack")
-        packed = PackedDataset(corpus, PackingConfig(seq_len=args.seq_len))
+        packed = PackedDataset(corpus, _packing_config(args))
         bar.update()
         tokenizer = get_tokenizer(args.tokenizer)
         bar.update()
@@ -198,7 +213,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
     dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
     packed, tokenizer = pack_documents(
-        dataset, args.seq_len, tokenizer=args.tokenizer, text_column=args.text_column
+        dataset, _packing_config(args), tokenizer=args.tokenizer, text_column=args.text_column
     )
     header = (
         f"{' '.join(args.paths)}: {len(dataset)} documents -> {len(packed)} rows of {args.seq_len} tokens"

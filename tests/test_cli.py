@@ -94,7 +94,7 @@ def test_demo_json_matches_collated_shards(env):
 @pytest.mark.parametrize(
     "inputs, extra",
     [
-        (["docs.jsonl"], []),
+        (["docs.jsonl"], ["--packing", "concat", "--cp-multiple", "8"]),
         (["docs.txt"], ["--tokenizer", "bytes", "--balancer", "llama3"]),
         (["docs.parquet"], ["--text-column", "body"]),
         (["saved"], ["--text-column", "body", "--balancer", "zig_zag"]),
@@ -169,6 +169,7 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
         (["inspect", "{data}/notes.csv"], "unsupported file type '.csv'", 1),
         (["inspect", "{data}/docs.jsonl", "--text-column", "body"], "column 'body' not found", 1),
         (["inspect", "{data}/docs.jsonl", "--batch-size", "1000"], "not enough for one batch", 1),
+        (["inspect", "{data}/docs.jsonl", "--cp-multiple", "7"], "cp_multiple=7 does not divide", 1),
         (["bench", "nope"], "unknown benchmark 'nope'", 1),
         (["frobnicate"], "invalid choice: 'frobnicate'", 2),
     ],

@@ -87,22 +87,15 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
 
 
 def pack_documents(
-    dataset,
-    seq_len: int,
-    *,
-    tokenizer: Any = "bpe",
-    text_column: str = "text",
-    cp_multiple: int | None = None,
-    cache_dir: Any = None,
+    dataset, config: Any, *, tokenizer: Any = "bpe", text_column: str = "text", cache_dir: Any = None
 ):
     """Tokenise (unless the dataset already has ``input_ids``) and pack into a ``PackedDataset``.
 
-    Returns ``(packed, tokenizer)``; the tokenizer is ``None`` when the dataset came tokenised.
+    ``config`` is a ``PackingConfig`` (or a bare row length). Returns ``(packed, tokenizer)``;
+    the tokenizer is ``None`` when the dataset came tokenised.
     """
     from cp_data.datasets import PackedDataset, get_tokenizer, tokenize_dataset
-    from cp_data.packing import PackingConfig
 
-    config = PackingConfig(seq_len=seq_len, cp_multiple=cp_multiple)
     if "input_ids" in (dataset.column_names or []):
         return PackedDataset(dataset, config), None
     if text_column not in (dataset.column_names or []):
