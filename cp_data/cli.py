@@ -187,11 +187,19 @@ def _packing_config(args: argparse.Namespace):
     return PackingConfig(seq_len=args.seq_len, algorithm=args.packing, cp_multiple=args.cp_multiple)
 
 
+def _quiet_datasets(args: argparse.Namespace) -> None:
+    if args.no_progress:  # datasets' bars do not follow TQDM_DISABLE
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def _demo(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
 
+    _quiet_datasets(args)
     with tqdm(total=3, desc="demo", disable=args.no_progress) as bar:
         bar.set_postfix_str(f"corpus {args.corpus}")
         corpus = load_default_corpus(args.corpus, args.tokenizer)
@@ -211,6 +219,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from cp_data.inspect.sources import load_documents, pack_documents
 
+    _quiet_datasets(args)
     dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
     packed, tokenizer = pack_documents(
         dataset, _packing_config(args), tokenizer=args.tokenizer, text_column=args.text_column
