@@ -11,16 +11,16 @@ from .validation import check_cu_doc_lens, check_length_multiple, metadata_tenso
 
 
 def zig_zag_index(
-    starts: np.ndarray, lengths: np.ndarray, padded_lengths: np.ndarray, cp_rank: int, cp_world_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gather index of rank ``cp_rank``'s zig-zag shard and the shard positions that are padding.
+    starts: np.ndarray, lengths: np.ndarray, chunk: np.ndarray, cp_rank: int, cp_world_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank ``cp_rank``'s zig-zag gather index, its padding positions and local boundaries.
 
     Document ``i`` occupies ``[starts[i], starts[i] + lengths[i])`` and is padded at its end to
-    ``padded_lengths[i]`` (a multiple of 2W), then cut into 2W equal chunks; the shard holds
-    chunks ``r`` and ``2W-1-r`` of every document, in document order.
+    ``2W * chunk[i]`` tokens, then cut into 2W chunks of ``chunk[i]``; the shard holds chunks
+    ``r`` and ``2W-1-r`` of every document, in document order. The local boundaries
+    (``[n + 1]``, from 0) are the padded global ones divided by W.
     """
     num_chunks = 2 * cp_world_size
-    chunk = padded_lengths // num_chunks
     # Two segments per document: the rank's chunk from the front, then its mirror from the back.
     seg_start = np.empty((len(chunk), 2), dtype=np.int64)
     np.multiply(chunk, cp_rank, out=seg_start[:, 0])
@@ -33,7 +33,9 @@ def zig_zag_index(
     # Positions past their document's end are that document's padding.
     pad_positions = np.flatnonzero(gather >= np.repeat(starts + lengths, 2 * chunk))
     gather[pad_positions] = 0
-    return gather, pad_positions
+    local_cu = np.zeros(len(chunk) + 1, dtype=np.int64)
+    local_cu[1:] = seg_end[1::2]
+    return gather, pad_positions, local_cu
 
 
 class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
@@ -57,10 +59,10 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
         num_chunks = 2 * self.cp_world_size
         if cu_doc_lens is None:
             multiple = check_length_multiple(length_multiple, num_chunks, "2 x CP degree") or num_chunks
-            gather, pads = zig_zag_index(
+            gather, pads, _ = zig_zag_index(
                 np.zeros(1, dtype=np.int64),
                 np.array([seq_len], dtype=np.int64),
-                np.array([round_up(seq_len, multiple)], dtype=np.int64),
+                np.array([round_up(seq_len, multiple) // num_chunks], dtype=np.int64),
                 self.cp_rank,
                 self.cp_world_size,
             )
@@ -68,11 +70,9 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
 
         cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
         final_multiple = check_length_multiple(length_multiple)
-        padded = -(-lengths // num_chunks) * num_chunks
-        gather, pads = zig_zag_index(cu[:-1], lengths, padded, self.cp_rank, self.cp_world_size)
-        # The padded global boundaries divided by W.
-        local_cu = np.zeros(len(cu), dtype=np.int64)
-        np.cumsum(padded // self.cp_world_size, out=local_cu[1:])
+        chunk = -(-lengths // num_chunks)
+        gather, pads, local_cu = zig_zag_index(cu[:-1], lengths, chunk, self.cp_rank, self.cp_world_size)
+        max_doc_len = 2 * int(chunk.max()) if len(chunk) else 0
         if final_multiple is not None:
             # Upstream appends the end padding as one more document, even when it is empty.
             local_len = len(gather)
@@ -80,7 +80,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
             gather = np.concatenate([gather, np.zeros(final_padding, dtype=np.int64)])
             pads = np.concatenate([pads, np.arange(local_len, local_len + final_padding)])
             local_cu = np.append(local_cu, local_cu[-1] + final_padding)
-        max_doc_len = int(np.diff(local_cu).max()) if len(local_cu) > 1 else 0
+            max_doc_len = max(max_doc_len, final_padding)
         metadata = dict(cu_doc_lens=metadata_tensor(local_cu, cu_doc_lens), max_doc_len=max_doc_len)
         return self._plan(gather, pads, seq_len, metadata)
 
