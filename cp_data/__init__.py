@@ -20,7 +20,9 @@ from .balancers import (
     ShardPlan,
     UlyssesContextParallelStyle,
     UlyssesLoadBalancer,
+    llama3_balanced_order,
     llama3_cu_seqlens,
+    llama3_rank_work,
     unshard,
 )
 from .collate import ContextParallelCollator
@@ -63,6 +65,10 @@ _LAZY = {
         ],
         "cp_data.attention",
     ),
+    **dict.fromkeys(
+        ["BalancerComparison", "ShardMap", "ShardMetrics", "compare_balancers", "shard_map", "shard_metrics"],
+        "cp_data.inspect",
+    ),
 }
 
 
@@ -87,7 +93,9 @@ __all__ = [
     "UlyssesContextParallelStyle",
     "UlyssesLoadBalancer",
     "best_fit_decreasing",
+    "llama3_balanced_order",
     "llama3_cu_seqlens",
+    "llama3_rank_work",
     "plan_packing",
     "unshard",
     *_LAZY,

@@ -2,6 +2,7 @@
 
 from .base import RingAttentionLoadBalancer
 from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
+from .ordering import llama3_balanced_order, llama3_rank_work
 from .plan import PAD, ShardPlan, unshard
 from .types import (
     RingAttentionLoadBalancerType,
@@ -23,6 +24,8 @@ __all__ = [
     "ShardingError",
     "UlyssesContextParallelStyle",
     "UlyssesLoadBalancer",
+    "llama3_balanced_order",
     "llama3_cu_seqlens",
+    "llama3_rank_work",
     "unshard",
 ]
