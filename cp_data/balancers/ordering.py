@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import ShardingError, check_length_multiple, round_up
+from .validation import ShardingError, check_length_multiple, check_lengths, round_up
 
 __all__ = ["llama3_balanced_order", "llama3_rank_work"]
 
@@ -41,14 +41,7 @@ def _tri(x: np.ndarray | float) -> np.ndarray:
 
 
 def _check(doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None) -> tuple[np.ndarray, int]:
-    lens = np.asarray(doc_lens)
-    if lens.ndim != 1:
-        raise ShardingError(f"doc_lens must be 1-D, got shape {tuple(lens.shape)}")
-    if lens.size and not np.issubdtype(lens.dtype, np.integer):
-        raise ShardingError(f"doc_lens must hold integers, got dtype {lens.dtype}")
-    lens = lens.astype(np.int64)
-    if (lens < 0).any():
-        raise ShardingError(f"doc_lens must be >= 0, got {lens[lens < 0][:4].tolist()}")
+    lens = check_lengths(doc_lens, "doc_lens")
     if (
         isinstance(cp_world_size, bool)
         or not isinstance(cp_world_size, (int, np.integer))

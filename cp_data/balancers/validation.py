@@ -94,6 +94,20 @@ def check_cu_doc_lens(cu_doc_lens: torch.Tensor, seq_len: int | None) -> tuple[n
     return cu, lengths
 
 
+def check_lengths(values, what: str, minimum: int = 0) -> np.ndarray:
+    """A 1-D array of integer lengths, each ``>= minimum``, as int64; else a named error."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ShardingError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ShardingError(f"{what} must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < minimum:
+        bad = int(np.argmax(arr < minimum))
+        raise ShardingError(f"{what} must be >= {minimum}, got {arr[bad]} at index {bad}")
+    return arr
+
+
 def check_length_multiple(length_multiple: int | None, divisor: int = 1, what: str = "") -> int | None:
     """Check ``length_multiple`` is a positive int divisible by ``divisor`` (``None`` passes)."""
     if length_multiple is None:

@@ -15,22 +15,17 @@ import bisect
 
 import numpy as np
 
+from cp_data.balancers.validation import check_lengths
+
 __all__ = ["best_fit_decreasing"]
 
 
 def _check_sizes(sizes, capacity: int) -> np.ndarray:
     if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
         raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-    arr = np.asarray(sizes)
-    if arr.ndim != 1:
-        raise ValueError(f"sizes must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"sizes must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and (arr.min() < 1 or arr.max() > capacity):
-        raise ValueError(
-            f"sizes must lie in [1, capacity={capacity}], got min {arr.min()} and max {arr.max()}"
-        )
+    arr = check_lengths(sizes, "sizes", minimum=1)
+    if arr.size and arr.max() > capacity:
+        raise ValueError(f"sizes must lie in [1, capacity={capacity}], got max {arr.max()}")
     return arr
 
 

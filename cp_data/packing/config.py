@@ -7,6 +7,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from cp_data.balancers.validation import check_lengths
+
 from .bfd import best_fit_decreasing
 from .plan import PackingPlan
 
@@ -77,19 +79,6 @@ class Packer:
     __call__ = plan
 
 
-def _check_lengths(lengths) -> np.ndarray:
-    arr = np.asarray(lengths)
-    if arr.ndim != 1:
-        raise ValueError(f"document lengths must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"document lengths must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and arr.min() < 0:
-        bad = int(np.flatnonzero(arr < 0)[0])
-        raise ValueError(f"document lengths must be >= 0, got {arr[bad]} at index {bad}")
-    return arr
-
-
 def _round_up(x: np.ndarray, m: int) -> np.ndarray:
     return -(-x // m) * m
 
@@ -117,7 +106,7 @@ def _cut(doc: np.ndarray, real: np.ndarray, budget: np.ndarray, offset: np.ndarr
 
 def plan_packing(lengths, config: PackingConfig) -> PackingPlan:
     """Plan rows for documents of these lengths under ``config`` (vectorised, no tensors)."""
-    L = _check_lengths(lengths)
+    L = check_lengths(lengths, "document lengths")
     S = config.seq_len
     m = config.cp_multiple or 1
     doc = np.flatnonzero(L > 0)
