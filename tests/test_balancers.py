@@ -131,6 +131,9 @@ def test_pad_method():
     assert added == 2 and x.shape == (8, 3)
     x, added = UL(cp_rank=0, cp_world_size=4).pad(torch.ones(4), -1, 0)
     assert added == 0 and x.shape == (4,)
+    for cls in (ZZ, UL):  # 0 is a bad multiple, not a request for the default
+        with pytest.raises(ValueError, match="length_multiple must be >= 1, got 0"):
+            cls(cp_rank=0, cp_world_size=2).pad(torch.ones(5), 0, 0, length_multiple=0)
 
 
 def test_llama3_batch_shard_not_implemented():

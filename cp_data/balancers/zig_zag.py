@@ -97,5 +97,6 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
         length_multiple: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Pad ``x`` at the end of ``seq_dim`` to a multiple of ``length_multiple`` (default 2W)."""
-        return pad_to_multiple(x, seq_dim, value, length_multiple or 2 * self.cp_world_size)
+        default = 2 * self.cp_world_size
+        return pad_to_multiple(x, seq_dim, value, default if length_multiple is None else length_multiple)
 
