@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import default_collate
 
 from .balancers import RingAttentionLoadBalancer, RingAttentionLoadBalancerType, ShardPlan
+from .balancers.validation import is_int
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -155,7 +156,7 @@ class ContextParallelCollator:
         for name in ("document_masking", "reorder_documents"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, (int, np.integer)):
+        if not is_int(self.pad_token_id):
             raise ValueError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
         llama3 = self.load_balancer is RingAttentionLoadBalancerType.llama3
         if llama3 and not self.document_masking:

@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .balancers import RingAttentionLoadBalancerType
-from .balancers import unshard
+from .balancers import RingAttentionLoadBalancerType, unshard
+from .balancers.validation import is_int
 from .collate import PRODUCED_KEYS, ContextParallelCollator
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def dp_cp_coordinates(mesh: "DeviceMesh") -> tuple[int, int, int, int]:
 
 def _check_rank(name: str, rank: Any, world: Any) -> None:
     for what, value in ((f"{name}_rank", rank), (f"{name}_world_size", world)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{what} must be an int, got {value!r}")
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"{name}_rank must be in [0, {name}_world_size={world}), got {rank}")
@@ -76,7 +76,7 @@ class DataParallelSampler(Sampler[int]):
         drop_last: bool = True,
     ) -> None:
         _check_rank("dp", dp_rank, dp_world_size)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
+        if not is_int(num_samples) or num_samples < 0:
             raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
         self.num_samples, self.dp_rank, self.dp_world_size = int(num_samples), int(dp_rank), int(dp_world_size)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last

@@ -5,11 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from .plan import ShardPlan
-from .validation import ShardingError, check_inputs
+from .validation import ShardingError, check_inputs, is_int
 
 _Balancer = TypeVar("_Balancer", bound="RingAttentionLoadBalancer")
 
@@ -22,7 +21,7 @@ class RingAttentionLoadBalancer(ABC):
 
     def __init__(self, *, cp_rank: int, cp_world_size: int):
         for name, value in (("cp_rank", cp_rank), ("cp_world_size", cp_world_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise ShardingError(f"{name} must be an int, got {value!r}")
         if cp_world_size < 1:
             raise ShardingError(f"cp_world_size must be >= 1, got {cp_world_size}")

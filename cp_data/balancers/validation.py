@@ -16,6 +16,11 @@ class ShardingError(ValueError, RuntimeError):
     """
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer; ``bool`` (an ``int`` subclass) is not one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def round_up(value: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= value``."""
     return -(-value // multiple) * multiple
@@ -23,7 +28,7 @@ def round_up(value: int, multiple: int) -> int:
 
 def normalize_dim(dim: int, ndim: int, what: str = "seq_dim") -> int:
     """Resolve a possibly negative dimension as torch does, raising for one out of range."""
-    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
+    if not is_int(dim):
         raise ShardingError(f"{what} must be an int, got {dim!r}")
     if not -ndim <= dim < ndim:
         raise ShardingError(f"{what}={dim} is out of range for a tensor with {ndim} dimensions")
@@ -112,7 +117,7 @@ def check_length_multiple(length_multiple: int | None, divisor: int = 1, what: s
     """Check ``length_multiple`` is a positive int divisible by ``divisor`` (``None`` passes)."""
     if length_multiple is None:
         return None
-    if isinstance(length_multiple, bool) or not isinstance(length_multiple, (int, np.integer)):
+    if not is_int(length_multiple):
         raise ShardingError(f"length_multiple must be an int, got {length_multiple!r}")
     if length_multiple < 1:
         raise ShardingError(f"length_multiple must be >= 1, got {length_multiple}")

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional, Union
 import datasets
 import numpy as np
 
+from cp_data.balancers.validation import is_int
+
 from .store import check_column
 
 __all__ = ["ByteTokenizer", "tokenize_dataset", "resolve_eos"]
@@ -106,7 +108,7 @@ def tokenize_dataset(
             f"cannot find an EOS id on tokenizer {type(tokenizer).__name__}; "
             "pass eos_token_id=<int>, or eos_token_id=None to append none"
         )
-    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, (int, np.integer))):
+    if eos is not None and not is_int(eos):
         raise ValueError(f"eos_token_id must be an integer, None or 'auto', got {eos_token_id!r}")
     remove = None if keep_columns else dataset.column_names
     kwargs = {"num_proc": num_proc, "desc": "tokenize"} if isinstance(dataset, datasets.Dataset) else {}

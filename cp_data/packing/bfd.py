@@ -15,13 +15,13 @@ import bisect
 
 import numpy as np
 
-from cp_data.balancers.validation import check_lengths
+from cp_data.balancers.validation import check_lengths, is_int
 
 __all__ = ["best_fit_decreasing"]
 
 
 def _check_sizes(sizes, capacity: int) -> np.ndarray:
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+    if not is_int(capacity) or capacity < 1:
         raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
     arr = check_lengths(sizes, "sizes", minimum=1)
     if arr.size and arr.max() > capacity:

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from cp_data.balancers.validation import check_lengths
+from cp_data.balancers.validation import check_lengths, is_int
 
 from .bfd import best_fit_decreasing
 from .plan import PackingPlan
@@ -16,10 +16,6 @@ __all__ = ["PackingConfig", "Packer", "plan_packing"]
 
 ALGORITHMS = ("bfd", "concat")
 LONG_DOCS = ("split", "truncate")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -45,20 +41,20 @@ class PackingConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.seq_len) or self.seq_len < 1:
+        if not is_int(self.seq_len) or self.seq_len < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {self.seq_len!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.long_docs not in LONG_DOCS:
             raise ValueError(f"long_docs must be one of {LONG_DOCS}, got {self.long_docs!r}")
         if self.cp_multiple is not None:
-            if not _is_int(self.cp_multiple) or self.cp_multiple < 1:
+            if not is_int(self.cp_multiple) or self.cp_multiple < 1:
                 raise ValueError(f"cp_multiple must be an integer >= 1, got {self.cp_multiple!r}")
             if self.seq_len % self.cp_multiple:
                 raise ValueError(
                     f"cp_multiple={self.cp_multiple} does not divide seq_len={self.seq_len}"
                 )
-        if not _is_int(self.pad_token_id):
+        if not is_int(self.pad_token_id):
             raise ValueError(f"pad_token_id must be an integer, got {self.pad_token_id!r}")
 
     def build(self) -> "Packer":
