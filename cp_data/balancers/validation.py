@@ -21,8 +21,8 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def round_up(value: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is ``>= value``."""
+def round_up(value, multiple: int):
+    """The smallest multiple of ``multiple`` that is ``>= value`` (an int, or elementwise on an array)."""
     return -(-value // multiple) * multiple
 
 

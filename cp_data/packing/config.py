@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from cp_data.balancers.validation import check_lengths, is_int
+from cp_data.balancers.validation import check_lengths, is_int, round_up
 
 from .bfd import best_fit_decreasing
 from .plan import PackingPlan
@@ -75,10 +75,6 @@ class Packer:
     __call__ = plan
 
 
-def _round_up(x: np.ndarray, m: int) -> np.ndarray:
-    return -(-x // m) * m
-
-
 def _cut(doc: np.ndarray, real: np.ndarray, budget: np.ndarray, offset: np.ndarray, S: int):
     """Cut every document's budget span ``[offset, offset + budget)`` at multiples of ``S``.
 
@@ -110,7 +106,7 @@ def plan_packing(lengths, config: PackingConfig) -> PackingPlan:
     truncated = real > S
     if config.long_docs == "truncate":
         real = np.minimum(real, S)
-    budget = _round_up(real, m)  # multiples of m stay <= S because m divides S
+    budget = round_up(real, m)  # multiples of m stay <= S because m divides S
 
     if config.algorithm == "concat":
         offset = np.cumsum(budget) - budget
