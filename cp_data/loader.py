@@ -30,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .balancers import RingAttentionLoadBalancerType, unshard
 from .balancers.validation import is_int
-from .collate import PRODUCED_KEYS, ContextParallelCollator
+from .collate import IGNORE_INDEX, PRODUCED_KEYS, ContextParallelCollator
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -249,7 +249,7 @@ def shard_summary(batch: dict[str, Any]) -> str:
     cu = batch.get("cu_doc_lens", batch.get("cu_doc_lens_q"))
     docs = f" docs={len(cu) - 1}" if cu is not None else ""
     return (
-        f"shape={tuple(ids.shape)} labelled={int((labels != -100).sum())} "
+        f"shape={tuple(ids.shape)} labelled={int((labels != IGNORE_INDEX).sum())} "
         f"pos0={int((batch['position_ids'] == 0).sum())}{docs} head={ids.flatten()[:6].tolist()}"
     )
 
