@@ -159,8 +159,9 @@ def unshard(shards: Sequence[torch.Tensor], plans: Sequence[ShardPlan], seq_dim:
                 f"shard of rank {plan.cp_rank} has size {shard.shape[dim]} on seq_dim {seq_dim}, "
                 f"its plan expects {plan.local_len}"
             )
-        real = (plan.index != PAD).nonzero().flatten()
-        targets = plan.index[real]
+        index = plan.index  # a property that builds a new tensor: read it once
+        real = (index != PAD).nonzero().flatten()
+        targets = index[real]
         seen.index_add_(0, targets, torch.ones_like(targets))
         out.index_copy_(dim, targets, shard.index_select(dim, real))
     if seq_len and not bool((seen == 1).all()):
