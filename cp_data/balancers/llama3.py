@@ -24,6 +24,11 @@ def llama3_cu_seqlens(
     ``cu_doc_lens[-1]`` must be a multiple of ``cp_world_size``.
     """
     cu = cu_doc_lens.numpy().astype(np.int64, copy=False)
+    return _llama3_metadata(cu, cu_doc_lens, cp_rank, cp_world_size)
+
+
+def _llama3_metadata(cu: np.ndarray, like: torch.Tensor, cp_rank: int, cp_world_size: int) -> dict[str, Any]:
+    """:func:`llama3_cu_seqlens` on int64 boundaries ``cu``; tensors take the dtype of ``like``."""
     total = int(cu[-1])
     if total % cp_world_size:
         raise ValueError(f"total length {total} is not a multiple of cp_world_size {cp_world_size}")
@@ -41,8 +46,8 @@ def llama3_cu_seqlens(
     k_start = int(window[0])
     cu_k -= k_start
     return dict(
-        cu_doc_lens_q=metadata_tensor(cu_q, cu_doc_lens),
-        cu_doc_lens_k=metadata_tensor(cu_k, cu_doc_lens),
+        cu_doc_lens_q=metadata_tensor(cu_q, like),
+        cu_doc_lens_k=metadata_tensor(cu_k, like),
         max_doc_len_q=int(np.diff(cu_q).max()),
         max_doc_len_k=int(np.diff(cu_k).max()),
         local_k_slice=slice(k_start, slice_end),
@@ -73,8 +78,8 @@ class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
         multiple = self.cp_world_size * (check_length_multiple(length_multiple) or 1)
         padded_len = round_up(seq_len, multiple)
         if padded_len != seq_len:
-            cu_doc_lens = metadata_tensor(np.append(cu, padded_len), cu_doc_lens)
+            cu = np.append(cu, padded_len)  # the padding is one more document
         metadata = (
-            llama3_cu_seqlens(cu_doc_lens, self.cp_rank, self.cp_world_size) if padded_len else {}
+            _llama3_metadata(cu, cu_doc_lens, self.cp_rank, self.cp_world_size) if padded_len else {}
         )
         return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)
