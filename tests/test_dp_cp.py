@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from cp_data.attention.launch import free_port
 from cp_data.collate import ContextParallelCollator
 from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, dp_cp_coordinates, verify_dp_cp_batch
 
@@ -33,12 +33,6 @@ CONFIGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _expect_failure(fn, match: str, error: type[Exception] = RuntimeError) -> str:
     try:
         fn()
@@ -46,7 +40,7 @@ def _expect_failure(fn, match: str, error: type[Exception] = RuntimeError) -> st
         if match not in str(err):
             raise
         return "raised"
-    raise AssertionError(f"expected a RuntimeError containing {match!r}")
+    raise AssertionError(f"expected a {error.__name__} containing {match!r}")
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
