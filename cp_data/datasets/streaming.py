@@ -20,6 +20,11 @@ _COUNTERS = ("documents", "empty_docs_skipped", "docs_split", "docs_truncated", 
              "rows", "tokens")
 
 
+def _fresh_state() -> dict:
+    """The state of a stream that has emitted nothing yet."""
+    return {"source": None, "carry": [], "emitted": 0, "counters": dict.fromkeys(_COUNTERS, 0)}
+
+
 class _ArrowReader:
     """Documents ``worker, worker + num_workers, ...`` of a map-style HF dataset."""
 
@@ -129,13 +134,13 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         """Position to resume from: the next row of this worker's stream."""
         if self._resume is not None:  # loaded but not started yet
             return copy.deepcopy(self._resume)
-        if self._snapshot is None:
-            return {"source": None, "carry": [], "emitted": 0, "counters": dict(self.counters)}
+        if self._snapshot is None:  # never iterated
+            return _fresh_state()
         return copy.deepcopy(self._snapshot)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the next iteration exactly where ``state`` was taken."""
-        missing = {"source", "carry", "emitted", "counters"} - set(state)
+        missing = set(_fresh_state()) - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
         self._resume = copy.deepcopy(state)
@@ -157,9 +162,9 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
 
     def _select(self, plan: PackingPlan, final: bool) -> tuple[np.ndarray, np.ndarray]:
         """Rows to emit now (in plan order) and rows to carry into the next buffer."""
-        used = plan.row_used()
         if final or not self.carry_rows:
             return np.arange(plan.num_rows), np.zeros(0, dtype=np.int64)
+        used = plan.row_used()
         partial = np.flatnonzero(used < plan.seq_len)
         carry = partial[np.argsort(used[partial], kind="stable")[: self.carry_rows]]
         keep = np.ones(plan.num_rows, dtype=bool)
@@ -169,7 +174,7 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         state, self._resume = self._resume, None
         if state is None:
-            state = {"source": None, "carry": [], "emitted": 0, "counters": dict.fromkeys(_COUNTERS, 0)}
+            state = _fresh_state()
         reader = self._reader(state["source"])
         carry = [np.asarray(c, dtype=np.int64) for c in state["carry"]]
         skip = state["emitted"]
