@@ -190,6 +190,16 @@ def test_row_from_instances():
         row_from_instances([dict(input_ids=torch.tensor([1, 2]), doc_lens=torch.tensor([3]))])
     with pytest.raises(ValueError, match="input_ids"):
         row_from_instances([dict(doc_lens=torch.tensor([3]))])
+    # A document may not run over a row boundary, even when the batch's totals agree.
+    crossing = [
+        dict(input_ids=torch.tensor([1, 2]), doc_lens=torch.tensor([3])),
+        dict(input_ids=torch.tensor([3, 4]), doc_lens=torch.tensor([1])),
+    ]
+    with pytest.raises(ValueError, match="instance 0: 'doc_lens' sums to 3"):
+        row_from_instances(crossing)
+    short_mask = dict(input_ids=torch.tensor([1, 2]), doc_lens=torch.tensor([2]), label_mask=torch.tensor([True]))
+    with pytest.raises(ValueError, match="'label_mask' has length 1"):
+        row_from_instances([short_mask])
 
 
 def test_bad_input():

@@ -29,6 +29,7 @@ import torch
 
 from cp_data.balancers import PAD, RingAttentionLoadBalancerType, ShardPlan
 from cp_data.balancers.ordering import llama3_balanced_order
+from cp_data.collate import check_instances
 
 __all__ = [
     "BatchRow",
@@ -105,29 +106,19 @@ def as_row(batch: BatchRow | Any, padding_mask: Any = None) -> BatchRow:
 def row_from_instances(instances: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> BatchRow:
     """The flattened row of B packed instances (SPEC §3), as the collator builds it.
 
+    The instances are validated as the collator does (:func:`cp_data.collate.check_instances`).
     Instance padding is where ``label_mask`` is False and the token is ``pad_token_id`` (what the
     packing datasets write); without ``label_mask`` nothing is padding.
     """
-    if not instances:
-        raise ValueError("no instances: a batch needs at least one packed instance")
-    for i, inst in enumerate(instances):
-        for key in ("input_ids", "doc_lens"):
-            if key not in inst:
-                raise ValueError(f"instance {i}: missing required key {key!r}")
-    ids = np.concatenate([np.asarray(inst["input_ids"], dtype=np.int64) for inst in instances])
-    lens = np.concatenate([np.asarray(inst["doc_lens"], dtype=np.int64) for inst in instances])
-    if int(lens.sum()) != ids.size or (lens <= 0).any():
-        raise ValueError(f"doc_lens must be > 0 and sum to the {ids.size} tokens of the batch")
-    masks = [
-        (
-            np.asarray(inst["label_mask"], dtype=bool)
-            if "label_mask" in inst
-            else np.ones(len(inst["input_ids"]), bool)
-        )
-        for inst in instances
-    ]
-    padding = ~np.concatenate(masks) & (ids == pad_token_id)
-    return BatchRow(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), padding, ids)
+    ids, lens, masks, _ = check_instances(instances)
+    input_ids = torch.cat(ids).numpy()
+    doc_lens = torch.cat(lens).numpy()
+    padding = (
+        np.zeros(input_ids.size, bool)
+        if masks is None
+        else ~torch.cat(masks).numpy() & (input_ids == pad_token_id)
+    )
+    return BatchRow(np.concatenate([[0], np.cumsum(doc_lens)]).astype(np.int64), padding, input_ids)
 
 
 @dataclass(frozen=True)
