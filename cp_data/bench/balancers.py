@@ -25,15 +25,19 @@ def long_tailed_doc_lens(num_tokens: int, num_docs: int, seed: int = 0) -> np.nd
     return lengths
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best of ``repeats`` wall-clock timings (the least disturbed by other processes)."""
+def seconds_per_call(fn: Callable[[], object], calls: int = 1, rounds: int = 3) -> float:
+    """Seconds per call of ``fn``: the best over ``rounds`` of the mean of ``calls`` calls in a row.
+
+    One warm-up call comes first; the best round is the one least disturbed by other processes.
+    """
     fn()
-    times = []
-    for _ in range(repeats):
+    best = float("inf")
+    for _ in range(rounds):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
 
 
 def upstream_zig_zag(inputs, cu, W, r, pad_values):
@@ -77,13 +81,13 @@ def run(num_tokens: int = 65_536, num_docs: int = 1000, world_size: int = 8, rep
         balancers = [kind.create(cp_rank=r, cp_world_size=world_size) for r in range(world_size)]
         # The copy limit: the same gathers with each rank's index ready (no planning, no checks).
         ready = [b.plan(n, cu).gather_index for b in balancers]
-        copy_limit = _best_time(lambda: [x.index_select(1, i) for i in ready for x in inputs], repeats)
-        ours = _best_time(
+        copy_limit = seconds_per_call(lambda: [x.index_select(1, i) for i in ready for x in inputs], rounds=repeats)
+        ours = seconds_per_call(
             lambda: [
                 b.batch_shard_by_document(inputs=inputs, seq_dims=[1, 1, 1], cu_doc_lens=cu, pad_values=pads)
                 for b in balancers
             ],
-            repeats,
+            rounds=repeats,
         )
         if kind is RingAttentionLoadBalancerType.zig_zag:
             baseline_fn = lambda r: upstream_zig_zag(inputs, cu, world_size, r, pads)
@@ -92,7 +96,7 @@ def run(num_tokens: int = 65_536, num_docs: int = 1000, world_size: int = 8, rep
             baseline_fn = lambda r: upstream_contiguous(inputs, cu, world_size, r, pads, llama3)
         # The upstream zig_zag loop is slow: fewer repeats keep the benchmark short.
         baseline_repeats = max(2, repeats // 5) if kind is RingAttentionLoadBalancerType.zig_zag else repeats
-        baseline = _best_time(lambda: [baseline_fn(r) for r in range(world_size)], baseline_repeats)
+        baseline = seconds_per_call(lambda: [baseline_fn(r) for r in range(world_size)], rounds=baseline_repeats)
         results[kind.value] = {
             "seconds": ours,
             "copy_limit_seconds": copy_limit,

@@ -7,8 +7,7 @@ Run: ``python -m cp_data.bench.collate``.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from ..balancers import RingAttentionLoadBalancerType
 from ..collate import ContextParallelCollator
+from .balancers import seconds_per_call
 
 
 def make_instances(batch_size: int, seq_len: int, docs_per_row: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -33,17 +33,6 @@ def make_instances(batch_size: int, seq_len: int, docs_per_row: int, seed: int =
             )
         )
     return instances
-
-
-def _seconds_per_call(fn: Callable[[], Any], repeats: int, rounds: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best
 
 
 def run(
@@ -70,9 +59,9 @@ def run(
     results = {}
     for name, options in tqdm(cases, desc="collate bench"):
         collator = ContextParallelCollator(cp_rank=cp_rank, cp_world_size=cp_world_size, **options)
-        cat = _seconds_per_call(lambda: torch.cat(rows), repeats)
+        cat = seconds_per_call(lambda: torch.cat(rows), repeats)
         slow = options.get("reorder_documents", False)
-        seconds = _seconds_per_call(lambda: collator(instances), 1 if slow else repeats, 1 if slow else 3)
+        seconds = seconds_per_call(lambda: collator(instances), 1 if slow else repeats, 1 if slow else 3)
         results[name] = dict(
             tokens_per_s=tokens / seconds, ms_per_call=seconds * 1e3, ratio_to_cat=seconds / cat
         )
