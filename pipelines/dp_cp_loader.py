@@ -15,10 +15,15 @@ data (see ``cp_data.loader.verify_dp_cp_batch``). Exits non-zero when a check fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fractions
+import heapq
 import inspect
+import json
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import datasets
@@ -32,10 +37,9 @@ from cp_data.packing import PackingConfig
 
 def write_sample_corpus(directory: Path, num_files: int = 24) -> list[Path]:
     """Write ``num_files`` text documents from stdlib sources and pydoc topics into ``directory``."""
-    import argparse as m1, json as m2, textwrap as m3, heapq as m4, dataclasses as m5, fractions as m6  # noqa: E401
     from pydoc_data.topics import topics
 
-    texts = [inspect.getsource(m) for m in (m1, m2, m3, m4, m5, m6)]
+    texts = [inspect.getsource(m) for m in (argparse, json, textwrap, heapq, dataclasses, fractions)]
     texts += [topics[k] for k in sorted(topics)[: num_files - len(texts)]]
     paths = []
     for i, text in enumerate(texts):
