@@ -11,7 +11,6 @@ from cp_data import (
     RingAttentionLoadBalancerType,
     RingAttentionZigZagLoadBalancer,
     RingContextParallelStyle,
-    ShardingError,
     UlyssesContextParallelStyle,
     UlyssesLoadBalancer,
 )
