@@ -35,6 +35,8 @@ def data_dir(tmp_path_factory):
     ds.to_parquet(str(root / "docs.parquet"))
     ds.save_to_disk(str(root / "saved"))
     (root / "notes.csv").write_text("a,b\n")
+    (root / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (root / "numbers.jsonl").write_text('{"text": 5}\n')
     return root
 
 
@@ -168,6 +170,8 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
         (["inspect", "{data}/docs.jsonl", "--balancer", "ring"], "invalid choice: 'ring'", 2),
         (["inspect", "{data}/notes.csv"], "unsupported file type '.csv'", 1),
         (["inspect", "{data}/docs.jsonl", "--text-column", "body"], "column 'body' not found", 1),
+        (["inspect", "{data}/broken.jsonl"], "cannot read {data}/broken.jsonl as json: JSON parse error", 1),
+        (["inspect", "{data}/numbers.jsonl"], "column 'text' holds Value('int64'), not text", 1),
         (["inspect", "{data}/docs.jsonl", "--batch-size", "1000"], "not enough for one batch", 1),
         (["inspect", "{data}/docs.jsonl", "--cp-multiple", "7"], "cp_multiple=7 does not divide", 1),
         (["bench", "nope"], "unknown benchmark 'nope'", 1),
@@ -176,6 +180,7 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
 )
 def test_errors_are_one_line(env, data_dir, args, message, code):
     args = [a.format(data=data_dir) for a in args]
+    message = message.format(data=data_dir)
     proc = subprocess.run(PYTHON_M + args, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == code
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

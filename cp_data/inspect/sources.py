@@ -63,6 +63,7 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
     Text files give one document per line, or one per file with ``doc_per_file``.
     """
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     from cp_data.datasets import load_text_files
     from cp_data.datasets.corpus import default_cache_dir
@@ -75,15 +76,19 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
                 raise ValueError(f"{files[0]} holds splits {list(ds)}; expected a 'train' split")
             ds = ds["train"]
         return ds
-    if builder == "parquet":
-        return datasets.load_dataset(
-            "parquet",
-            data_files=[str(f) for f in files],
-            split="train",
-            cache_dir=str(default_cache_dir(cache_dir) / "hf"),
-        )
-    kwargs = {"sample_by": "document"} if doc_per_file and builder == "text" else {}
-    return load_text_files([str(f) for f in files], file_format=builder, cache_dir=cache_dir, **kwargs)
+    try:
+        if builder == "parquet":
+            return datasets.load_dataset(
+                "parquet",
+                data_files=[str(f) for f in files],
+                split="train",
+                cache_dir=str(default_cache_dir(cache_dir) / "hf"),
+            )
+        kwargs = {"sample_by": "document"} if doc_per_file and builder == "text" else {}
+        return load_text_files([str(f) for f in files], file_format=builder, cache_dir=cache_dir, **kwargs)
+    except DatasetGenerationError as exc:  # unreadable content (bad JSON, an empty file)
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(f"cannot read {names} as {builder}: {exc.__cause__ or exc}") from exc
 
 
 def pack_documents(
@@ -103,6 +108,9 @@ def pack_documents(
             f"column {text_column!r} not found; the dataset has columns {dataset.column_names} "
             "(pick one with --text-column)"
         )
+    feature = dataset.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"column {text_column!r} holds {feature}, not text (pick one with --text-column)")
     tok = get_tokenizer(tokenizer, cache_dir=cache_dir)
     dataset = dataset.filter(lambda b: [bool(t) for t in b[text_column]], batched=True, desc="drop empty")
     ids = tokenize_dataset(dataset, tok, text_column=text_column)
