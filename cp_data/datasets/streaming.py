@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cp_data.packing import PackingConfig, PackingPlan, assemble_row
+from cp_data.packing.plan import fill_rates
 
 from .packed import as_config, to_instance
 from .store import TokenStore, check_column
@@ -147,11 +148,8 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
 
     def metrics(self) -> dict:
         """Counts of this worker's current pass, plus fill rate and padding fraction."""
-        out = dict(self.counters)
-        capacity = out["rows"] * self.config.seq_len
-        out["fill_rate"] = out["tokens"] / capacity if capacity else 0.0
-        out["padding_fraction"] = 1.0 - out["fill_rate"] if capacity else 0.0
-        return out
+        c = self.counters
+        return {**c, **fill_rates(c["tokens"], c["rows"], self.config.seq_len)}
 
     def _reader(self, source_state: Optional[dict]):
         info = torch.utils.data.get_worker_info()

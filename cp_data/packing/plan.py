@@ -7,7 +7,16 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["PackingPlan", "assemble_row"]
+__all__ = ["PackingPlan", "assemble_row", "fill_rates"]
+
+
+def fill_rates(tokens: int, rows: int, seq_len: int) -> dict[str, float]:
+    """``fill_rate`` (document tokens / row capacity) and ``padding_fraction``; both 0 with no rows."""
+    capacity = rows * seq_len
+    if not capacity:
+        return {"fill_rate": 0.0, "padding_fraction": 0.0}
+    fill = tokens / capacity
+    return {"fill_rate": fill, "padding_fraction": 1.0 - fill}
 
 
 @dataclass(frozen=True)
@@ -51,15 +60,12 @@ class PackingPlan:
 
     def metrics(self) -> dict:
         """Rows, fill rate, padding fraction and the per-document outcome counts."""
-        capacity = self.num_rows * self.seq_len
-        fill = self.num_tokens / capacity if capacity else 0.0
         return {
             "rows": self.num_rows,
             "documents": self.num_docs,
             "pieces": int(self.doc.size),
             "tokens": self.num_tokens,
-            "fill_rate": fill,
-            "padding_fraction": 1.0 - fill if capacity else 0.0,
+            **fill_rates(self.num_tokens, self.num_rows, self.seq_len),
             "docs_split": self.split_docs,
             "docs_truncated": self.truncated_docs,
             "tokens_truncated": self.truncated_tokens,
