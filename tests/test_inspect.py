@@ -144,6 +144,9 @@ def test_reordered_row_keeps_tokens():
     assert new.cu_doc_lens.tolist() == [0, 4, 7, 9]
     assert new.input_ids.tolist() == [5, 6, 7, 8, 0, 1, 2, 3, 4]
     assert new.padding_mask.tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]
+    assert new.doc_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    only_padding = BatchRow(np.array([0, 3, 5]), np.array([0, 1, 0, 1, 1], bool))
+    assert only_padding.real_documents.tolist() == [True, False]
 
 
 @given(lens_st, st.sampled_from(["zig_zag", "llama3", "ulysses"]), st.integers(1, 4))

@@ -64,6 +64,17 @@ class BatchRow:
         """int64 [n]: document lengths."""
         return np.diff(self.cu_doc_lens)
 
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """int64 [N]: the document of each position."""
+        return np.repeat(np.arange(len(self.cu_doc_lens) - 1), self.doc_lens)
+
+    @property
+    def real_documents(self) -> np.ndarray:
+        """bool [n]: documents holding at least one real token (padding-only ones are not documents)."""
+        n_docs = len(self.cu_doc_lens) - 1
+        return np.bincount(self.doc_ids, weights=~self.padding_mask, minlength=n_docs) > 0
+
     def reordered(self, perm: np.ndarray) -> "BatchRow":
         """The row with its documents in the order ``perm`` (documents stay whole)."""
         lens = self.doc_lens[perm]
@@ -72,6 +83,10 @@ class BatchRow:
         source = np.repeat(self.cu_doc_lens[:-1][perm] - cu[:-1], lens) + np.arange(cu[-1])
         ids = None if self.input_ids is None else self.input_ids[source]
         return BatchRow(cu, self.padding_mask[source], ids)
+
+    def llama3_reordered(self, cp_world_size: int, length_multiple: int | None = None) -> "BatchRow":
+        """The row in the order of :func:`~cp_data.balancers.ordering.llama3_balanced_order`."""
+        return self.reordered(llama3_balanced_order(self.doc_lens, cp_world_size, length_multiple))
 
 
 def _as_cu(cu_doc_lens: Any) -> np.ndarray:
@@ -246,12 +261,10 @@ def shard_metrics(
     row = as_row(batch, padding_mask)
     cu = row.cu_doc_lens
     n_docs = len(cu) - 1
-    lens = np.diff(cu)
-    doc_id = np.repeat(np.arange(n_docs), lens)
-    offset_work = np.arange(int(cu[-1])) - np.repeat(cu[:-1], lens) + 1.0
+    doc_id = row.doc_ids
+    offset_work = np.arange(int(cu[-1])) - cu[doc_id] + 1.0
     pad = row.padding_mask
-    # A document made only of padding is not a document.
-    real_doc = np.bincount(doc_id, weights=~pad, minlength=n_docs) > 0
+    real_doc = row.real_documents
     stats = np.zeros((5, cp_world_size))
     for r, plan in enumerate(all_rank_plans(kind, cu, cp_world_size, length_multiple)):
         src = plan.index.numpy()
@@ -336,7 +349,7 @@ def compare_balancers(
     kinds = [RingAttentionLoadBalancerType.parse(b) for b in (balancers or RingAttentionLoadBalancerType)]
     out = {k.value: shard_metrics(row, k, cp_world_size, length_multiple=length_multiple) for k in kinds}
     if reorder and RingAttentionLoadBalancerType.llama3 in kinds:
-        perm = llama3_balanced_order(row.doc_lens, cp_world_size, length_multiple)
-        m = shard_metrics(row.reordered(perm), "llama3", cp_world_size, length_multiple=length_multiple)
+        reordered = row.llama3_reordered(cp_world_size, length_multiple)
+        m = shard_metrics(reordered, "llama3", cp_world_size, length_multiple=length_multiple)
         out[REORDERED] = replace(m, balancer=REORDERED)
     return BalancerComparison(out)

@@ -10,7 +10,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cp_data.balancers import RingAttentionLoadBalancerType
-from cp_data.balancers.ordering import llama3_balanced_order
 
 from .metrics import REORDERED, BalancerComparison, ShardMetrics, compare_balancers, row_from_instances
 from .shard_map import shard_map
@@ -114,9 +113,7 @@ def inspect_batches(
         report.comparisons.append(
             compare_balancers(row, cp_world_size, kinds, length_multiple=length_multiple)
         )
-        # Padding-only documents are not documents.
-        real = np.add.reduceat(~row.padding_mask, row.cu_doc_lens[:-1]) > 0 if row.doc_lens.size else []
-        report.doc_lens.append(row.doc_lens[real])
+        report.doc_lens.append(row.doc_lens[row.real_documents])
     return report
 
 
@@ -196,12 +193,8 @@ def save_plots(
         for name in report.comparisons[0].metrics if report.comparisons else ():
             written.append(directory / f"shard_map_{name}.png")
             if name == REORDERED:
-                smap = shard_map(
-                    row.reordered(llama3_balanced_order(row.doc_lens, world, multiple)),
-                    "llama3",
-                    world,
-                    length_multiple=multiple,
-                )
+                reordered = row.llama3_reordered(world, multiple)
+                smap = shard_map(reordered, "llama3", world, length_multiple=multiple)
             else:
                 smap = shard_map(row, name, world, length_multiple=multiple)
             plots.plot_shard_map(smap, written[-1], title=name)
