@@ -154,7 +154,8 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     )
     report.packing = packed.metrics()
     # Show the ranks of the batch with the most documents: where balancers differ most.
-    shown = max(range(len(batches)), key=lambda b: sum(len(i["doc_lens"]) for i in batches[b]))
+    num_docs = [sum(len(i["doc_lens"]) for i in batch) for batch in batches]
+    shown = num_docs.index(max(num_docs))
     comparison = report.comparisons[shown]
     previews = shard_previews(
         batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
@@ -172,7 +173,7 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
         return
     print(header)
     print(report.render())
-    print(f"\nbatch {shown} ({sum(len(i['doc_lens']) for i in batches[shown])} documents), per rank:")
+    print(f"\nbatch {shown} ({num_docs[shown]} documents), per rank:")
     print(comparison.render())
     for name, m in comparison.metrics.items():
         print()
@@ -187,11 +188,13 @@ def _packing_config(args: argparse.Namespace):
     return PackingConfig(seq_len=args.seq_len, algorithm=args.packing, cp_multiple=args.cp_multiple)
 
 
-def _quiet_datasets(args: argparse.Namespace) -> None:
-    if args.no_progress:  # datasets' bars do not follow TQDM_DISABLE
-        import datasets
+def _hide_progress() -> None:
+    """``--no-progress`` beyond our own bars (those take ``disable=`` directly): datasets' bars."""
+    # tqdm reads TQDM_DISABLE when it is imported, long done here: this reaches child processes.
+    os.environ["TQDM_DISABLE"] = "1"
+    import datasets
 
-        datasets.disable_progress_bars()
+    datasets.disable_progress_bars()
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -199,7 +202,6 @@ def _demo(args: argparse.Namespace) -> None:
 
     from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
 
-    _quiet_datasets(args)
     with tqdm(total=3, desc="demo", disable=args.no_progress) as bar:
         bar.set_postfix_str(f"corpus {args.corpus}")
         corpus = load_default_corpus(args.corpus, args.tokenizer)
@@ -219,7 +221,6 @@ def _demo(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from cp_data.inspect.sources import load_documents, pack_documents
 
-    _quiet_datasets(args)
     dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
     packed, tokenizer = pack_documents(
         dataset, _packing_config(args), tokenizer=args.tokenizer, text_column=args.text_column
@@ -287,9 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cp-data`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
-    if getattr(args, "no_progress", False):
-        os.environ["TQDM_DISABLE"] = "1"  # also silences the bars of datasets and the benchmarks
     try:
+        if getattr(args, "no_progress", False):
+            _hide_progress()
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("cp-data: interrupted", file=sys.stderr)
