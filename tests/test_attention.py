@@ -16,7 +16,7 @@ from cp_data import RingAttentionLoadBalancerType
 from cp_data.attention import cp_attention, llama3_attention, varlen_attention, varlen_mask
 from cp_data.attention.launch import free_port, run_gloo
 from cp_data.attention.reference import masked_attention, masked_attention_backward
-from cp_data.attention.ring import step_mask, zig_zagstep_masks
+from cp_data.attention.ring import step_mask, zig_zag_step_masks
 
 H, D = 3, 4
 
@@ -156,7 +156,7 @@ def test_llama3_metadata_semantics_without_processes(lengths, world, seed):
 
 def test_zig_zag_ring_masks_spec_example():
     # SPEC: W=2, N=12, cu=[0, 8, 12]: r0 holds [0, 1, 6, 7, 8, 11], local cu = [0, 4, 6]
-    masks = zig_zagstep_masks(torch.tensor([0, 4, 6]))
+    masks = zig_zag_step_masks(torch.tensor([0, 4, 6]))
     # rank 0 at step 1 holds rank 1's block [2, 3, 4, 5, 9, 10]: only token 6, 7 (back half of
     # document 0) and 11 (back half of document 1) see it, and see all of their document's part
     assert masks["later"].int().tolist() == [
@@ -180,7 +180,7 @@ def test_zig_zag_ring_masks_equal_global_causal_document_mask(chunks, world):
         cp_rank=0, cp_world_size=world
     ).plan_all_ranks(int(cu[-1]), cu)
     for rank in range(world):
-        masks = zig_zagstep_masks(plans[rank].metadata["cu_doc_lens"])
+        masks = zig_zag_step_masks(plans[rank].metadata["cu_doc_lens"])
         for sender in range(world):
             got = step_mask(masks, (rank - sender) % world, rank)
             assert torch.equal(got, full[plans[rank].index][:, plans[sender].index])

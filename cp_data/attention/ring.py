@@ -41,7 +41,7 @@ from .reference import (
 __all__ = ["zig_zag_ring_attention"]
 
 
-def zig_zagstep_masks(cu_doc_lens: torch.Tensor) -> dict[str, torch.Tensor]:
+def zig_zag_step_masks(cu_doc_lens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three bool ``[T, T]`` masks of the ring: own block, earlier sender, later sender."""
     doc, _ = doc_offsets(cu_doc_lens)
     index = torch.arange(len(doc))
@@ -74,7 +74,7 @@ class _ZigZagRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, scale, group):
         rank, size = group_rank_size(group)
-        masks = zig_zagstep_masks(cu)
+        masks = zig_zag_step_masks(cu)
         ring = RingExchange(group)
         kv = torch.stack([k, v])
         out = lse = None
