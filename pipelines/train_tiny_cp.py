@@ -36,11 +36,11 @@ from torch import nn
 
 from cp_data.attention import cp_attention, varlen_attention
 from cp_data.attention.launch import run_gloo
+from cp_data.collate import IGNORE_INDEX
 from cp_data.loader import ContextParallelLoaderConfig
 from cp_data.packing import PackingConfig, assemble_row, plan_packing
 
 KINDS = ("zig_zag", "llama3", "ulysses")
-IGNORE = -100
 
 
 @dataclass
@@ -71,6 +71,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: RoPE attention through ``attend``, then an MLP."""
+
     def __init__(self, cfg: TinyConfig):
         super().__init__()
         self.heads = cfg.heads
@@ -124,12 +126,12 @@ def synthetic_dataset(cfg: TinyConfig) -> list[dict[str, torch.Tensor]]:
         return 1 + (starts[doc] + strides[doc] * np.arange(start, start + length)) % (cfg.vocab - 1)
 
     plan = plan_packing(lengths, PackingConfig(seq_len=cfg.seq_len))
-    rows = [assemble_row(plan, r, tokens_of) for r in range(plan.num_rows)]
-    rows = rows[: cfg.steps * cfg.batch_size]
-    if len(rows) < cfg.steps * cfg.batch_size:
+    needed = cfg.steps * cfg.batch_size
+    if plan.num_rows < needed:
         raise ValueError(
             f"{plan.num_rows} packed rows are too few for {cfg.steps} steps of {cfg.batch_size}"
         )
+    rows = [assemble_row(plan, r, tokens_of) for r in range(needed)]
     return [{key: torch.from_numpy(value) for key, value in row.items()} for row in rows]
 
 
@@ -152,8 +154,8 @@ def train(
         input_ids, labels = batch["input_ids"][0], batch["labels"][0]
         positions = torch.arange(len(input_ids)) if naive else batch["position_ids"][0]
         logits = model(input_ids, positions, lambda q, k, v: attend(q, k, v, batch))
-        loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-        stats = torch.stack([loss_sum.detach(), (labels != IGNORE).sum().to(loss_sum.dtype)])
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        stats = torch.stack([loss_sum.detach(), (labels != IGNORE_INDEX).sum().to(loss_sum.dtype)])
         if cp:
             dist.all_reduce(stats)  # global loss sum and label count over the CP group
         (loss_sum / stats[1]).backward()
@@ -168,6 +170,7 @@ def train(
 
 
 def full_attention(q, k, v, batch):
+    """CP=1 attention: the single-process reference over the whole row (llama3 metadata of W=1)."""
     return varlen_attention(q, k, v, batch["cu_doc_lens_q"])[0]
 
 
@@ -230,6 +233,7 @@ def run(world_size: int = 4, **overrides: Any) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run under torchrun, or spawn gloo processes; print the table; 0 when CP matched CP=1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--spawn", type=int, default=0, help="spawn this many gloo processes instead of torchrun"
