@@ -40,7 +40,10 @@ def _tri(x: np.ndarray | float) -> np.ndarray:
     return x * (x + 1.0) / 2.0
 
 
-def _check(doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None) -> tuple[np.ndarray, int]:
+def _check(
+    doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The checked lengths and the slice bounds ``[0, L, ..., W L]`` of the padded row."""
     lens = check_lengths(doc_lens, "doc_lens")
     if (
         isinstance(cp_world_size, bool)
@@ -49,7 +52,8 @@ def _check(doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None
     ):
         raise ShardingError(f"cp_world_size must be an int >= 1, got {cp_world_size!r}")
     multiple = int(cp_world_size) * (check_length_multiple(length_multiple) or 1)
-    return lens, round_up(int(lens.sum()), multiple) // int(cp_world_size)
+    local_len = round_up(int(lens.sum()), multiple) // int(cp_world_size)
+    return lens, np.arange(int(cp_world_size) + 1, dtype=np.int64) * local_len
 
 
 def llama3_rank_work(
@@ -61,9 +65,7 @@ def llama3_rank_work(
     to a multiple of ``W · (length_multiple or 1)``. Only real documents count (the balancer's
     padding document is left out). Returns float64 ``[W]``.
     """
-    lens, local_len = _check(doc_lens, cp_world_size, length_multiple)
-    bounds = np.arange(cp_world_size + 1, dtype=np.int64) * local_len
-    return np.diff(_prefix_work(lens)(bounds))
+    return _rank_work(*_check(doc_lens, cp_world_size, length_multiple))
 
 
 def _prefix_work(lens: np.ndarray):
@@ -79,6 +81,11 @@ def _prefix_work(lens: np.ndarray):
         return before[doc] + _tri(x - starts[doc])
 
     return prefix
+
+
+def _rank_work(lens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Work of each slice ``[bounds[r], bounds[r + 1])`` of the row with documents ``lens`` in order."""
+    return np.diff(_prefix_work(lens)(bounds))
 
 
 def _score(works: np.ndarray) -> np.ndarray:
@@ -167,7 +174,7 @@ def _apply(order: np.ndarray, kind: int, i: int, j: int) -> np.ndarray:
 
 def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
     """Best-improvement descent from ``order``; returns the order and its score."""
-    works = np.diff(_prefix_work(lens[order])(bounds))
+    works = _rank_work(lens[order], bounds)
     current = float(_score(works))
     good_enough = _GOOD_ENOUGH * works.sum() / len(works)
     inner = bounds[1:-1]
@@ -186,7 +193,7 @@ def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tu
             break
         current = float(scores[best])
         order = _apply(order, int(kinds[best]), int(ii[best]), int(jj[best]))
-        works = np.diff(_prefix_work(lens[order])(bounds))
+        works = _rank_work(lens[order], bounds)
     return order, current
 
 
@@ -222,16 +229,15 @@ def llama3_balanced_order(
     them like any other); the balancer's own end padding (under ``W · length_multiple`` tokens)
     does not. Zero-length documents go to the end.
     """
-    lens, local_len = _check(doc_lens, cp_world_size, length_multiple)
+    lens, bounds = _check(doc_lens, cp_world_size, length_multiple)
     identity = np.arange(lens.size, dtype=np.int64)
     if lens.size < 2 or cp_world_size == 1:
         return identity
-    bounds = np.arange(cp_world_size + 1, dtype=np.int64) * local_len
     # Zero-length documents change nothing; search over the others and put them back at the end.
     real = identity[lens > 0]
     good_enough = _GOOD_ENOUGH * _tri(lens).sum() / cp_world_size
     snake = real[_snake_order(lens[real], cp_world_size)]
-    best, best_score = identity, float(_score(llama3_rank_work(lens, cp_world_size, length_multiple)))
+    best, best_score = identity, float(_score(_rank_work(lens, bounds)))
     # A second start (the original order) rescues the rows where the first descent stalls.
     for start in (snake, real):
         if best_score <= good_enough:
