@@ -235,13 +235,10 @@ def _bench_modules() -> list[str]:
     import cp_data.bench
 
     found = {m.name for m in pkgutil.iter_modules(cp_data.bench.__path__) if not m.name.startswith("_")}
-    found.add("ordering")
     return [n for n in BENCH_ORDER if n in found] + sorted(found - set(BENCH_ORDER))
 
 
 def _load_bench(name: str):
-    if name == "ordering":
-        return importlib.import_module("cp_data.inspect.ordering_bench")
     return importlib.import_module(f"cp_data.bench.{name}")
 
 

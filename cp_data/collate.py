@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from .balancers import RingAttentionLoadBalancer, RingAttentionLoadBalancerType, ShardPlan
+from .balancers import METADATA_KEYS, RingAttentionLoadBalancer, RingAttentionLoadBalancerType, ShardPlan
 from .balancers.validation import is_int
 
 if TYPE_CHECKING:
@@ -24,10 +24,7 @@ CONSUMED_KEYS = ("input_ids", "doc_lens", "label_mask")
 PRODUCED_KEYS = ("input_ids", "labels", "position_ids")
 """Batch keys the collator always produces (the balancer's metadata keys join them)."""
 
-_METADATA_KEYS = (
-    "cu_doc_lens", "max_doc_len", "cu_doc_lens_q", "cu_doc_lens_k", "max_doc_len_q", "max_doc_len_k",
-    "local_k_slice",
-)
+_METADATA_KEYS = {key for keys in METADATA_KEYS.values() for key in keys}
 
 
 class FullBatch(NamedTuple):

@@ -264,3 +264,11 @@ def test_plan_index_from_index_and_unshard_checks():
         cp_data.unshard(shards[:1], plans, 0)
     with pytest.raises(ValueError, match="has size 5 on seq_dim 0"):
         plans[0].shard(torch.arange(5), 0, -1)
+
+
+def test_metadata_keys_are_what_each_balancer_returns():
+    for kind in RingAttentionLoadBalancerType:
+        _, meta = kind.create(cp_rank=0, cp_world_size=2).batch_shard_by_document(
+            inputs=[row(9)], seq_dims=[1], cu_doc_lens=torch.tensor([0, 4, 9]), pad_values=[0]
+        )
+        assert tuple(meta) == cp_data.balancers.METADATA_KEYS[kind]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cp_data import PAD, RingAttentionLoadBalancerType
 from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
-from cp_data.inspect.ordering_bench import work_lower_bound
+from cp_data.bench.ordering import work_lower_bound
 
 
 def brute_force_work(doc_lens, world, length_multiple=None):

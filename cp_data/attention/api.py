@@ -6,25 +6,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..balancers import RingAttentionLoadBalancer, RingAttentionLoadBalancerType
+from ..balancers import METADATA_KEYS, RingAttentionLoadBalancer, RingAttentionLoadBalancerType
 from .comm import group_rank_size
 from .gathered import llama3_attention, ulysses_attention
 from .ring import zig_zag_ring_attention
 
 __all__ = ["cp_attention", "METADATA_KEYS"]
-
-METADATA_KEYS: dict[RingAttentionLoadBalancerType, tuple[str, ...]] = {
-    RingAttentionLoadBalancerType.zig_zag: ("cu_doc_lens", "max_doc_len"),
-    RingAttentionLoadBalancerType.llama3: (
-        "cu_doc_lens_q",
-        "cu_doc_lens_k",
-        "max_doc_len_q",
-        "max_doc_len_k",
-        "local_k_slice",
-    ),
-    RingAttentionLoadBalancerType.ulysses: ("cu_doc_lens", "max_doc_len"),
-}
-"""The batch keys (SPEC section 1 metadata) each scheme reads, in argument order."""
 
 _SCHEMES = {
     RingAttentionLoadBalancerType.zig_zag: zig_zag_ring_attention,

@@ -5,6 +5,7 @@ from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
 from .ordering import llama3_balanced_order, llama3_rank_work
 from .plan import PAD, ShardPlan, unshard
 from .types import (
+    METADATA_KEYS,
     RingAttentionLoadBalancerType,
     RingContextParallelStyle,
     UlyssesContextParallelStyle,
@@ -14,6 +15,7 @@ from .validation import ShardingError
 from .zig_zag import RingAttentionZigZagLoadBalancer
 
 __all__ = [
+    "METADATA_KEYS",
     "PAD",
     "RingAttentionLlama3LoadBalancer",
     "RingAttentionLoadBalancer",

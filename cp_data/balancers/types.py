@@ -63,6 +63,20 @@ _CLASSES: dict[RingAttentionLoadBalancerType, type[RingAttentionLoadBalancer]] =
 }
 
 
+METADATA_KEYS: dict[RingAttentionLoadBalancerType, tuple[str, ...]] = {
+    RingAttentionLoadBalancerType.zig_zag: ("cu_doc_lens", "max_doc_len"),
+    RingAttentionLoadBalancerType.llama3: (
+        "cu_doc_lens_q",
+        "cu_doc_lens_k",
+        "max_doc_len_q",
+        "max_doc_len_k",
+        "local_k_slice",
+    ),
+    RingAttentionLoadBalancerType.ulysses: ("cu_doc_lens", "max_doc_len"),
+}
+"""The metadata keys of each balancer's ``batch_shard_by_document``, in kernel argument order."""
+
+
 @dataclass
 class RingContextParallelStyle:
     """Configuration for ring-attention context parallelism."""
