@@ -189,3 +189,15 @@ def test_bpe_corpus_and_files(tmp_path):
     assert m["tokens"] == len("hello world") + 1 + len("second line here") + 1
     stream = packed_dataset_from_files(str(path), 8, tokenizer="bytes", streaming=True)
     assert [r["input_ids"].tolist() for r in stream] == [packed[i]["input_ids"].tolist() for i in range(len(packed))]
+
+
+def test_load_text_files_reads_parquet_by_extension(tmp_path):
+    import datasets
+
+    from cp_data.datasets import load_text_files
+
+    datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]}).to_parquet(str(tmp_path / "d.parquet"))
+    ds = load_text_files([str(tmp_path / "d.parquet")], cache_dir=tmp_path / "cache")
+    assert ds["text"] == ["alpha beta", "gamma"]
+    with pytest.raises(ValueError, match="'csv'"):
+        load_text_files([str(tmp_path / "d.parquet")], file_format="csv")

@@ -126,23 +126,25 @@ def get_tokenizer(tokenizer: Any = "bpe", vocab_size: int = 8192, cache_dir=None
 def load_text_files(
     data_files: Union[str, Sequence[str]],
     *,
-    file_format: Optional[Literal["text", "json"]] = None,
+    file_format: Optional[Literal["text", "json", "parquet"]] = None,
     streaming: bool = False,
     cache_dir=None,
     **load_kwargs,
 ):
-    """Local files as a HF dataset via ``load_dataset("text"|"json", data_files=...)``.
+    """Local files as a HF dataset via ``load_dataset("text"|"json"|"parquet", data_files=...)``.
 
-    The format follows the extension (``.json``/``.jsonl`` -> json, otherwise text, one document
-    per line; pass ``sample_by="document"`` for one per file). HF caches stay in the cp_data cache.
+    The format follows the extension (``.json``/``.jsonl`` -> json, ``.parquet`` -> parquet,
+    otherwise text, one document per line; pass ``sample_by="document"`` for one per file). HF
+    caches stay in the cp_data cache.
     """
     files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
     if not files:
         raise ValueError("data_files is empty")
     if file_format is None:
-        file_format = "json" if str(files[0]).endswith((".json", ".jsonl")) else "text"
-    if file_format not in ("text", "json"):
-        raise ValueError(f"file_format must be 'text' or 'json', got {file_format!r}")
+        suffix = Path(files[0]).suffix.lower()
+        file_format = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix, "text")
+    if file_format not in ("text", "json", "parquet"):
+        raise ValueError(f"file_format must be 'text', 'json' or 'parquet', got {file_format!r}")
     return datasets.load_dataset(
         file_format,
         data_files=[str(f) for f in files],

@@ -66,7 +66,6 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
     from datasets.exceptions import DatasetGenerationError
 
     from cp_data.datasets import load_text_files
-    from cp_data.datasets.corpus import default_cache_dir
 
     builder, files = resolve_files(paths)
     if builder == "saved":
@@ -77,13 +76,6 @@ def load_documents(paths: Sequence[str | Path], *, doc_per_file: bool = False, c
             ds = ds["train"]
         return ds
     try:
-        if builder == "parquet":
-            return datasets.load_dataset(
-                "parquet",
-                data_files=[str(f) for f in files],
-                split="train",
-                cache_dir=str(default_cache_dir(cache_dir) / "hf"),
-            )
         kwargs = {"sample_by": "document"} if doc_per_file and builder == "text" else {}
         return load_text_files([str(f) for f in files], file_format=builder, cache_dir=cache_dir, **kwargs)
     except DatasetGenerationError as exc:  # unreadable content (bad JSON, an empty file)
