@@ -73,14 +73,16 @@ class ShardPlan:
         self, x: torch.Tensor, seq_dim: int, pad_value: int | float | None = None, *, name: str = "input"
     ) -> torch.Tensor:
         """Gather this rank's shard of ``x`` along ``seq_dim``, writing ``pad_value`` into padding."""
-        dim = normalize_dim(seq_dim, x.ndim)
-        if x.shape[dim] != self.seq_len:
+        shape = x.shape
+        in_range = type(seq_dim) is int and 0 <= seq_dim < len(shape)  # skip the checks of the usual case
+        dim = seq_dim if in_range else normalize_dim(seq_dim, len(shape))
+        if shape[dim] != self.seq_len:
             raise ShardingError(
-                f"{name} has size {x.shape[dim]} on seq_dim {seq_dim} but the plan was made for "
+                f"{name} has size {shape[dim]} on seq_dim {seq_dim} but the plan was made for "
                 f"a sequence of length {self.seq_len}"
             )
         # Checked for the whole group so that every rank fails alike, not only those holding padding.
-        if self.group_padding and pad_value is None:
+        if pad_value is None and self.group_padding:
             raise ShardingError(
                 f"a sequence of length {self.seq_len} needs {self.group_padding} padding positions "
                 f"over {self.cp_world_size} ranks, but {name} has no pad value"
@@ -88,6 +90,17 @@ class ShardPlan:
         gather, pads = self.gather_index, self.pad_positions
         if not x.is_cpu:
             gather, pads = gather.to(x.device), pads.to(x.device)
+        if dim and shape[:dim].numel() == 1:
+            # Leading size-1 dims (the usual [1, N] batch) make index_select on dim > 0 ~2x slower.
+            out = self._gather(x.flatten(0, dim), 0, gather, pads, pad_value)
+            for _ in range(dim):
+                out = out.unsqueeze(0)
+            return out
+        return self._gather(x, dim, gather, pads, pad_value)
+
+    def _gather(
+        self, x: torch.Tensor, dim: int, gather: torch.Tensor, pads: torch.Tensor, pad_value: int | float | None
+    ) -> torch.Tensor:
         if not len(pads):
             return x.index_select(dim, gather)
         if self.seq_len == 0:
