@@ -7,9 +7,10 @@ holds the tail of a long document) do far more work than the others. Reordering 
 changes no token's attention (each document keeps its own keys, in order) and, chosen well, evens
 the work out.
 
-:func:`llama3_balanced_order` finds such an order by best-improvement local search over two
-starting orders (a greedy "snake" deal of the longest documents, then the original order). Every
-candidate move — swap two documents,
+:func:`llama3_balanced_order` finds such an order by best-improvement local search over a few
+starting orders (the longest document among the shortest ones in the ranks it spans, at the start
+and at the end of the row; a greedy "snake" deal of the longest documents; on short rows the
+original order). Every candidate move — swap two documents,
 or move one document to another place — is scored at once in closed form: the work of a rank is
 ``F(end) - F(start)`` where ``F(x)`` is the causal work of the first ``x`` tokens, and a move only
 changes ``F`` inside the block it rearranges, so scoring all ``O(n^2)`` moves costs
@@ -213,6 +214,23 @@ def _snake_order(lens: np.ndarray, cp_world_size: int) -> np.ndarray:
     return by_len[np.lexsort((key, group))]
 
 
+def _window_order(lens: np.ndarray, cp_world_size: int, local_len: int) -> np.ndarray:
+    """The longest document inside the first ranks it must touch, among the shortest documents.
+
+    A long document's tail is expensive wherever it lands, so the ranks it spans should hold
+    cheap (short) documents around it; the longer documents fill the other ranks, dealt as in
+    :func:`_snake_order`. The descent then fixes the split point.
+    """
+    by_len = np.argsort(lens, kind="stable")
+    longest, rest = by_len[-1], by_len[:-1]
+    span = min(cp_world_size, -(-int(lens[longest]) // local_len) + 1)
+    room = span * local_len - int(lens[longest])
+    fill = rest[: int(np.searchsorted(np.cumsum(lens[rest]), room))]
+    others = rest[fill.size :]
+    others = others[_snake_order(lens[others], max(cp_world_size - span, 1))]
+    return np.concatenate([fill[1::2], [longest], fill[0::2], others]).astype(np.int64)
+
+
 def llama3_balanced_order(
     doc_lens: np.ndarray, cp_world_size: int, length_multiple: int | None = None
 ) -> np.ndarray:
@@ -236,10 +254,12 @@ def llama3_balanced_order(
     # Zero-length documents change nothing; search over the others and put them back at the end.
     real = identity[lens > 0]
     good_enough = _GOOD_ENOUGH * _tri(lens).sum() / cp_world_size
-    snake = real[_snake_order(lens[real], cp_world_size)]
+    window = real[_window_order(lens[real], cp_world_size, int(bounds[1]))]
+    starts = [window, window[::-1], real[_snake_order(lens[real], cp_world_size)]]
+    if real.size <= _FULL_SEARCH:
+        starts.append(real)  # cheap on short rows; rescues the rows where the others stall
     best, best_score = identity, float(_score(_rank_work(lens, bounds)))
-    # A second start (the original order) rescues the rows where the first descent stalls.
-    for start in (snake, real):
+    for start in starts:
         if best_score <= good_enough:
             break
         order, score = _local_search(lens, start, bounds)
