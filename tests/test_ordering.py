@@ -98,6 +98,22 @@ def test_close_to_exhaustive_optimum_on_small_rows(world):
     assert max(ratios) <= 1.05
 
 
+@pytest.mark.parametrize("world", [3, 4])
+def test_lower_bound_holds_with_one_long_document(world):
+    # The window part of the bound binds here: one long document among short ones.
+    rng = np.random.default_rng(10 + world)
+    above_mean = 0
+    for _ in range(8):
+        lens = np.append(rng.integers(5, 60, size=5), rng.integers(150, 400))
+        best = min(
+            llama3_rank_work(lens[list(p)], world).max() for p in itertools.permutations(range(lens.size))
+        )
+        bound = work_lower_bound(lens, world)
+        assert bound <= best * (1 + 1e-12)
+        above_mean += bound > llama3_rank_work(lens, world).mean() * 1.01
+    assert above_mean >= 4
+
+
 def test_deterministic_and_keeps_documents_whole():
     rng = np.random.default_rng(3)
     lens = realistic_row(rng, seq_len=4096, median=100)

@@ -63,26 +63,57 @@ def _fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
     return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
 
 
+def _window_fill_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """``g[c]``: least work of ``c`` tokens of a contiguous window taken from these documents.
+
+    Every document inside the window is whole; only the first and the last can be partial, and
+    two pieces of ``y`` tokens in all cost at least ``2 tri(y / 2)`` (convexity). So ``g`` is the
+    min-plus convolution of an exact-sum knapsack over whole documents with ``2 tri(y / 2)``.
+    """
+    whole = np.full(max_tokens + 1, np.inf)
+    whole[0] = 0.0
+    for d in other_lens[(other_lens > 0) & (other_lens <= max_tokens)].tolist():
+        whole[d:] = np.minimum(whole[d:], whole[:-d] + d * (d + 1) / 2)
+    pieces = np.arange(max_tokens + 1) / 2.0
+    pieces = 2 * pieces * (pieces + 1) / 2
+    fill = np.minimum(whole, pieces)  # all whole, or all in pieces
+    for y in range(1, max_tokens):
+        if pieces[y] >= fill.max():  # larger pieces cannot lower any entry
+            break
+        fill[y:] = np.minimum(fill[y:], whole[:-y] + pieces[y])
+    return fill
+
+
 def work_lower_bound(doc_lens: np.ndarray, cp_world_size: int) -> float:
     """A bound on the busiest rank's work under llama3 slicing that no document order beats.
 
     The larger of the mean and, over every start of the longest document, the least possible
-    busiest rank among those it touches: its own part there plus the cheapest way to fill the rest
-    of that rank with the other documents (:func:`_fill_work_bound`).
+    busiest rank among those it touches. For every run of consecutive ranks it touches, their mean
+    work is at least its own part there plus the cheapest fill of the rest of those ranks with the
+    other documents (:func:`_window_fill_bound`); a single rank's fill is also bounded by
+    spreading it over as many documents as possible (:func:`_fill_work_bound`).
     """
     lens = np.asarray(doc_lens, dtype=np.int64)
     total = int(lens.sum())
     local = -(-total // cp_world_size)
     longest_at = int(np.argmax(lens))
     longest = int(lens[longest_at])
-    fill = _fill_work_bound(np.delete(lens, longest_at), local)
+    others = np.delete(lens, longest_at)
     start = np.arange(total - longest + 1)[:, None]
     edges = np.arange(cp_world_size + 1)[None, :] * local
     hi = np.clip(edges[:, 1:] - start, 0, longest)
     lo = np.clip(edges[:, :-1] - start, 0, longest)
-    own = (hi * (hi + 1) / 2 - lo * (lo + 1) / 2).astype(np.float64)
-    room = np.clip(np.minimum(edges[:, 1:], total) - edges[:, :-1], 0, None) - (hi - lo)
-    busiest = np.where(hi > lo, own + fill[np.clip(room, 0, local)], 0.0).max(axis=1).min()
+    size = np.clip(np.minimum(edges[0, 1:], total) - edges[0, :-1], 0, None)
+    # Every run of ranks first..last: the longest document's part there and the room left.
+    first, last = np.triu_indices(cp_world_size)
+    own = (hi[:, last] * (hi[:, last] + 1) / 2 - lo[:, first] * (lo[:, first] + 1) / 2).astype(np.float64)
+    tokens = np.cumsum(size)[last] - np.cumsum(size)[first] + size[first]
+    room = np.clip(tokens - (hi[:, last] - lo[:, first]), 0, None)
+    window = (own + _window_fill_bound(others, int(room.max()))[room]) / (last - first + 1)
+    single = first == last
+    spread = own[:, single] + _fill_work_bound(others, local)[np.clip(room[:, single], 0, local)]
+    window[:, single] = np.maximum(window[:, single], spread)
+    busiest = np.where(hi[:, last] > lo[:, first], window, 0.0).max(axis=1).min()
     return max(float((lens * (lens + 1) / 2).sum() / cp_world_size), float(busiest))
 
 
