@@ -28,6 +28,7 @@ from .validation import ShardingError, check_length_multiple, check_lengths, rou
 __all__ = ["llama3_balanced_order", "llama3_rank_work"]
 
 _MAX_STEPS = 64  # moves per descent; descents end far earlier in practice
+_STEP_BUDGET = 20_000  # documents x moves per descent: bounds the cost on long flattened batches
 _TIE_WEIGHT = 1e-3  # weight of the 2nd busiest rank in the score (1e-6 for the 3rd, ...)
 _FULL_SEARCH = 32  # rows with more documents score only moves that involve a key document
 _KEY_LONGEST = 8  # the longest documents count as key documents
@@ -179,7 +180,7 @@ def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tu
     current = float(_score(works))
     good_enough = _GOOD_ENOUGH * works.sum() / len(works)
     inner = bounds[1:-1]
-    for _ in range(_MAX_STEPS):
+    for _ in range(min(_MAX_STEPS, max(16, _STEP_BUDGET // len(order)))):
         if current <= good_enough:
             break
         # Only moves across the busiest rank's own boundaries can lower the max: try them first,
