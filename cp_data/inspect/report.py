@@ -167,7 +167,8 @@ def render_rank_table(m: ShardMetrics, preview: list[dict[str, Any]] | None = No
         body = lines[0].split("\n")
         for r, p in enumerate(preview):
             shown = p["first_text"] if p["first_text"] is not None else " ".join(map(str, p["first_ids"]))
-            body[2 + r] += "  " + repr(shown)[:48]
+            # Cut the text, not its repr, so the quotes stay balanced.
+            body[2 + r] += "  " + repr(shown if len(shown) <= 40 else shown[:39] + "…")
         lines = body
     return "\n".join(lines)
 
