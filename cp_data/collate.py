@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import default_collate
 
 from .balancers import METADATA_KEYS, RingAttentionLoadBalancer, RingAttentionLoadBalancerType, ShardPlan
+from .balancers.ordering import llama3_balanced_order, reorder_documents
 from .balancers.validation import is_int
 
 if TYPE_CHECKING:
@@ -211,33 +212,23 @@ class ContextParallelCollator:
             next_ok &= torch.cat(masks)[1:]
         labels = flat_labels(input_ids, next_ok)
         if self.reorder_documents:
-            input_ids, labels, positions, cu = self._reorder(input_ids, labels, positions, doc_lens, doc_starts)
+            input_ids, labels, positions, cu = self._reorder(input_ids, labels, positions, cu)
         return FullBatch(input_ids, labels, positions, cu, passthrough)
 
     def _reorder(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        positions: torch.Tensor,
-        doc_lens: torch.Tensor,
-        doc_starts: torch.Tensor,
+        self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        from .balancers.ordering import llama3_balanced_order
-
-        n = len(doc_lens)
+        cu_np = cu.numpy().astype(np.int64)
+        n = len(cu_np) - 1
         perm = np.asarray(
-            llama3_balanced_order(doc_lens.numpy(), self.cp_world_size, self.length_multiple), dtype=np.int64
+            llama3_balanced_order(np.diff(cu_np), self.cp_world_size, self.length_multiple), dtype=np.int64
         )
         if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
             raise RuntimeError(f"llama3_balanced_order returned {perm.tolist()[:12]}, not a permutation of {n} documents")
-        perm_t = torch.from_numpy(perm)
-        new_lens = doc_lens[perm_t]
-        cu = torch.zeros(n + 1, dtype=torch.int32)
-        torch.cumsum(new_lens, 0, out=cu[1:])
-        # Source of token j of the new row: its document's old start plus its (unchanged) position.
-        new_positions = document_positions(cu[:-1].long(), new_lens, len(input_ids))
-        source = doc_starts[perm_t].repeat_interleave(new_lens) + new_positions
-        return input_ids[source], labels[source], new_positions, cu
+        new_cu, source = reorder_documents(cu_np, perm)
+        # Labels and positions were computed on the original row; every token carries its own.
+        source_t = torch.from_numpy(source)
+        return input_ids[source_t], labels[source_t], positions[source_t], torch.from_numpy(new_cu).to(cu.dtype)
 
     def plans_all_ranks(self, full: FullBatch) -> list[ShardPlan]:
         """The plan of every rank of the group for ``full`` (to unshard gathered shards)."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+import cp_data.collate
 from cp_data import RingAttentionLoadBalancerType, unshard
 from cp_data.collate import ContextParallelCollator
 
@@ -276,9 +275,7 @@ def test_reorder_documents_keeps_every_token_label_and_position(monkeypatch, per
         calls.append((doc_lens.dtype, cp_world_size, length_multiple))
         return permute(len(doc_lens))
 
-    fake = types.ModuleType("cp_data.balancers.ordering")
-    fake.llama3_balanced_order = fake_order
-    monkeypatch.setitem(sys.modules, "cp_data.balancers.ordering", fake)
+    monkeypatch.setattr(cp_data.collate, "llama3_balanced_order", fake_order)
     rng = np.random.default_rng(3)
     instances = [make_instance(rng, 40, max_docs=8) for _ in range(3)]
     plain = ContextParallelCollator(load_balancer="llama3", cp_rank=0, cp_world_size=4).full_batch(instances)
@@ -300,16 +297,16 @@ def test_reorder_documents_keeps_every_token_label_and_position(monkeypatch, per
 
 
 def test_reorder_rejects_a_non_permutation(monkeypatch):
-    fake = types.ModuleType("cp_data.balancers.ordering")
-    fake.llama3_balanced_order = lambda doc_lens, w, m: np.zeros(len(doc_lens), dtype=np.int64)
-    monkeypatch.setitem(sys.modules, "cp_data.balancers.ordering", fake)
+    monkeypatch.setattr(
+        cp_data.collate, "llama3_balanced_order", lambda doc_lens, w, m: np.zeros(len(doc_lens), dtype=np.int64)
+    )
     collator = ContextParallelCollator(load_balancer="llama3", cp_rank=0, cp_world_size=2, reorder_documents=True)
     with pytest.raises(RuntimeError, match="not a permutation of 2 documents"):
         collator(_instances(n=1))
 
 
 def test_reorder_with_the_real_ordering():
-    ordering = pytest.importorskip("cp_data.balancers.ordering")
+    from cp_data.balancers import ordering
     rng = np.random.default_rng(4)
     instances = [make_instance(rng, 64, max_docs=10) for _ in range(4)]
     plain = ContextParallelCollator(load_balancer="llama3", cp_rank=0, cp_world_size=4).full_batch(instances)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .validation import ShardingError, check_length_multiple, check_lengths, round_up
 
-__all__ = ["llama3_balanced_order", "llama3_rank_work"]
+__all__ = ["llama3_balanced_order", "llama3_rank_work", "reorder_documents"]
 
 _MAX_STEPS = 64  # moves per descent; descents end far earlier in practice
 _STEP_BUDGET = 20_000  # documents x moves per descent: bounds the cost on long flattened batches
@@ -268,3 +268,17 @@ def llama3_balanced_order(
         if score < best_score:
             best, best_score = np.concatenate([order, identity[lens == 0]]), score
     return best
+
+
+def reorder_documents(cu_doc_lens: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The row with its documents in the order ``perm``: its boundaries and a gather index.
+
+    Returns ``(cu, source)``: int64 boundaries of the reordered row, and for each of its tokens the
+    position it comes from in the original row (documents stay whole and keep their order inside).
+    """
+    cu_doc_lens = np.asarray(cu_doc_lens, dtype=np.int64)
+    lens = np.diff(cu_doc_lens)[perm]
+    cu = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    source = np.repeat(cu_doc_lens[:-1][perm] - cu[:-1], lens) + np.arange(cu[-1])
+    return cu, source

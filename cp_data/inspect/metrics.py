@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cp_data.balancers import PAD, RingAttentionLoadBalancerType, ShardPlan
-from cp_data.balancers.ordering import llama3_balanced_order
+from cp_data.balancers.ordering import llama3_balanced_order, reorder_documents
 from cp_data.collate import check_instances
 
 __all__ = [
@@ -77,10 +77,7 @@ class BatchRow:
 
     def reordered(self, perm: np.ndarray) -> "BatchRow":
         """The row with its documents in the order ``perm`` (documents stay whole)."""
-        lens = self.doc_lens[perm]
-        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        # Source of each new position: its document's old start plus its offset.
-        source = np.repeat(self.cu_doc_lens[:-1][perm] - cu[:-1], lens) + np.arange(cu[-1])
+        cu, source = reorder_documents(self.cu_doc_lens, perm)
         ids = None if self.input_ids is None else self.input_ids[source]
         return BatchRow(cu, self.padding_mask[source], ids)
 
