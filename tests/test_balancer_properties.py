@@ -116,7 +116,7 @@ def shard_all_ranks(kind, W, **kwargs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=500)
+@settings(settings.get_profile("many"))
 @given(case=cases())
 def test_by_document_matches_reference_and_unshards(kind, case):
     W, cu, seq_dim = case["W"], case["cu"], case["seq_dim"]
@@ -167,7 +167,7 @@ def test_by_document_matches_reference_and_unshards(kind, case):
 
 
 @pytest.mark.parametrize("kind", ["zig_zag", "ulysses"])
-@settings(max_examples=500)
+@settings(settings.get_profile("many"))
 @given(case=cases())
 def test_batch_shard_matches_reference_and_unshards(kind, case):
     W, n, seq_dim = case["W"], case["cu"][-1], case["seq_dim"]
@@ -188,7 +188,7 @@ def test_batch_shard_matches_reference_and_unshards(kind, case):
     assert torch.equal(unshard(shards, bal.plan_all_ranks(n, length_multiple=multiple), seq_dim), x)
 
 
-@settings(max_examples=500)
+@settings(settings.get_profile("many"))
 @given(case=cases())
 def test_every_token_lands_once_and_documents_stay_in_order(case):
     """Across ranks the real positions form a permutation; within a rank, documents keep order."""
@@ -204,7 +204,7 @@ def test_every_token_lands_once_and_documents_stay_in_order(case):
             assert (np.diff(doc_of[positions]) >= 0).all()
 
 
-@settings(max_examples=500)
+@settings(settings.get_profile("many"))
 @given(
     lengths=st.lists(st.integers(0, 30), min_size=1, max_size=10),
     W=st.integers(1, 8),

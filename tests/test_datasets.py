@@ -47,7 +47,7 @@ def check_instance(row, S):
     assert row["label_mask"].dtype == torch.bool and row["label_mask"].shape == (S,)
 
 
-@settings(max_examples=25)
+@settings(settings.get_profile("few"))  # each example builds a HF dataset
 @given(
     st.lists(st.lists(st.integers(1, 10**6), max_size=30), max_size=25),
     st.integers(1, 16),

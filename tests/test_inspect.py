@@ -150,7 +150,7 @@ def test_reordered_row_keeps_tokens():
 
 
 @given(lens_st, st.sampled_from(["zig_zag", "llama3", "ulysses"]), st.integers(1, 4))
-@settings(max_examples=60)
+@settings(settings.get_profile("few"))
 def test_shard_map_matches_shards(lens, kind, world):
     cu = np.concatenate([[0], np.cumsum(lens)])
     n = int(cu[-1])

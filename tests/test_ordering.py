@@ -60,7 +60,7 @@ def test_permutation_never_worse(lens, world, multiple):
     assert after.max() <= before.max() * (1 + 1e-12)
 
 
-@settings(max_examples=30)
+@settings(settings.get_profile("few"))  # each example orders three 2048-token rows
 @given(st.integers(0, 2**32 - 1), st.sampled_from([2, 4, 8]))
 def test_lowers_imbalance_on_random_mixes(seed, world):
     rng = np.random.default_rng(seed)

@@ -70,7 +70,7 @@ def test_bfd_matches_per_item_definition(sizes, capacity, shrink):
     assert best_fit_decreasing(sizes, capacity).tolist() == naive_bfd(sizes, capacity)
 
 
-@settings(max_examples=60)
+@settings(settings.get_profile("few"))  # exhaustive search for the optimum
 @given(st.lists(st.integers(1, 10), min_size=1, max_size=9), st.integers(10, 14))
 def test_bfd_within_known_bound_of_optimum(sizes, capacity):
     bins = int(best_fit_decreasing(sizes, capacity).max()) + 1
