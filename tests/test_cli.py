@@ -1,21 +1,38 @@
-"""The ``cp-data`` command, run in subprocesses: outputs, files written, JSON, errors."""
+"""The ``cp-data`` command: outputs, files written, JSON, errors.
+
+Every case runs ``cp_data.cli.main(argv)`` in this process (starting Python and importing torch
+costs seconds per case); one smoke test runs the installed console script end to end.
+"""
 
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-PYTHON_M = [sys.executable, "-m", "cp_data"]
+from cp_data import cli
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cp_data_cache")
-    return dict(os.environ, CP_DATA_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cp_data_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cli_environment(monkeypatch, cache_dir):
+    """What ``main`` changes in the process (env vars, datasets' bars) is undone after each case."""
+    import datasets
+
+    monkeypatch.setenv("CP_DATA_CACHE", str(cache_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # --no-progress sets it
+    bars = not datasets.utils.are_progress_bars_disabled()
+    yield
+    if bars:
+        datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +57,24 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def run(args, env, ok=True):
-    proc = subprocess.run(
-        PYTHON_M + [*args, "--no-progress"] if args[0] != "bench" else PYTHON_M + args,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
+def run(capsys, args, code=0):
+    """``main(args)`` in this process: (stdout, stderr), after checking the exit status."""
+    try:
+        status = cli.main(args)
+    except SystemExit as exit_:  # argparse exits on bad arguments
+        status = exit_.code
+    out, err = capsys.readouterr()
+    assert status == code, err
+    return out, err
+
+
+def test_demo_tables_and_plots(capsys, tmp_path):
+    out, err = run(
+        capsys, ["demo", "--cp", "2", "--batches", "3", "--seq-len", "2048", "--plot", str(tmp_path), "--no-progress"]
     )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def test_demo_tables_and_plots(env, tmp_path):
-    proc = run(["demo", "--cp", "2", "--batches", "3", "--seq-len", "2048", "--plot", str(tmp_path)], env)
-    out = proc.stdout
     for name in ("zig_zag", "llama3", "ulysses", "llama3_reordered", "first tokens", "work max/mean"):
         assert name in out
-    assert "Traceback" not in proc.stderr
+    assert err == ""
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == sorted(
         [
@@ -73,11 +89,9 @@ def test_demo_tables_and_plots(env, tmp_path):
     assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in written)
 
 
-def test_demo_json_matches_collated_shards(env):
-    proc = run(
-        ["demo", "--cp", "4", "--batches", "2", "--batch-size", "2", "--json", "--length-multiple", "8"], env
-    )
-    report = json.loads(proc.stdout)
+def test_demo_json_matches_collated_shards(capsys):
+    args = ["demo", "--cp", "4", "--batches", "2", "--batch-size", "2", "--json", "--length-multiple", "8"]
+    report = json.loads(run(capsys, args + ["--no-progress"])[0])
     assert report["cp_world_size"] == 4 and report["num_batches"] == 2
     shown = report["batches"][report["shown_batch"]]
     for name, metrics in shown.items():
@@ -102,60 +116,28 @@ def test_demo_json_matches_collated_shards(env):
         (["saved"], ["--text-column", "body", "--balancer", "zig_zag"]),
     ],
 )
-def test_inspect_json(env, data_dir, inputs, extra):
-    proc = run(
-        [
-            "inspect",
-            *[str(data_dir / i) for i in inputs],
-            "--seq-len",
-            "1024",
-            "--batches",
-            "3",
-            "--json",
-            *extra,
-        ],
-        env,
-    )
-    report = json.loads(proc.stdout)
+def test_inspect_json(capsys, data_dir, inputs, extra):
+    args = ["inspect", *[str(data_dir / i) for i in inputs], "--seq-len", "1024", "--batches", "3", "--json"]
+    report = json.loads(run(capsys, args + extra + ["--no-progress"])[0])
     assert report["num_batches"] == 3 and report["seq_len"] == 1024
     expected = {"llama3": ["llama3", "llama3_reordered"], "zig_zag": ["zig_zag"]}.get(
         (extra or [""])[-1], ["zig_zag", "llama3", "ulysses", "llama3_reordered"]
     )
     assert list(report["summary"]) == expected
+    W, aligned = 4, "--cp-multiple" in extra  # documents padded to 2W: zig_zag adds nothing
     for batch in report["batches"]:
-        for m in batch.values():
-            # Every position of the 1024-token row is a token or instance padding on some rank.
-            assert sum(m["tokens"]) + sum(m["padding"]) >= 1024
-            assert m["work_imbalance"] == pytest.approx(max(m["work"]) / (sum(m["work"]) / 4))
-
-
-def test_inspect_table_with_console_script(env, data_dir, tmp_path):
-    exe = shutil.which("cp-data")
-    if exe is None:
-        pytest.skip("cp-data console script not installed")
-    proc = subprocess.run(
-        [
-            exe,
-            "inspect",
-            str(data_dir / "docs.jsonl"),
-            "--cp",
-            "2",
-            "--seq-len",
-            "512",
-            "--batches",
-            "2",
-            "--plot",
-            str(tmp_path / "plots"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "mean over batches" in proc.stdout and "llama3_reordered" in proc.stdout
-    assert (tmp_path / "plots" / "rank_work.png").exists()
+        for name, m in batch.items():
+            held = [t + p for t, p in zip(m["tokens"], m["padding"])]
+            assert len(set(held)) == 1, (name, held)  # every rank holds local_len positions
+            if name != "zig_zag" or aligned:  # a 1024-token row over 4 ranks: 256 each
+                assert held[0] == 1024 // W, (name, held)
+            else:  # zig_zag pads every document to a multiple of 2W
+                assert held[0] >= 1024 // W, held
+            assert m["work_imbalance"] == pytest.approx(max(m["work"]) / (sum(m["work"]) / W))
+        assert len({sum(m["tokens"]) for m in batch.values()}) == 1  # one batch, the same tokens
+    shown = report["batches"][report["shown_batch"]]
+    for name, previews in report["previews"].items():
+        assert [p["local_len"] for p in previews] == [t + p for t, p in zip(shown[name]["tokens"], shown[name]["padding"])]
 
 
 @pytest.mark.parametrize(
@@ -178,25 +160,44 @@ def test_inspect_table_with_console_script(env, data_dir, tmp_path):
         (["frobnicate"], "invalid choice: 'frobnicate'", 2),
     ],
 )
-def test_errors_are_one_line(env, data_dir, args, message, code):
-    args = [a.format(data=data_dir) for a in args]
-    message = message.format(data=data_dir)
-    proc = subprocess.run(PYTHON_M + args, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == code
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("cp-data: error:") and message in lines[-1], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_errors_are_one_line(capsys, data_dir, args, message, code):
+    args = [a.format(data=data_dir) for a in args] + (["--no-progress"] if args[0] == "inspect" else [])
+    out, err = run(capsys, args, code)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cp-data: error:"), err
+    assert message.format(data=data_dir) in lines[0]
+    assert out == ""
 
 
-def test_bench_quick_json(env):
-    proc = run(["bench", "ordering", "--quick", "--json"], env)
-    result = json.loads(proc.stdout)["ordering"]
+def test_bench_json(capsys, monkeypatch):
+    # The quick sizes still take seconds; the command's plumbing needs only a few rows.
+    monkeypatch.setitem(cli.QUICK_BENCH_KWARGS, "ordering", dict(num_rows=4))
+    result = json.loads(run(capsys, ["bench", "ordering", "--quick", "--json"])[0])["ordering"]
     assert len(result) >= 3
     for mix in result.values():
+        assert mix["rows"] == 4
         assert mix["after"] < mix["before"]
         assert mix["bound"] <= mix["after"] + 1e-9
 
 
-def test_bench_quick_table(env):
-    proc = run(["bench", "balancers", "--quick"], env)
-    assert "balancers:" in proc.stdout and "speedup_vs_upstream_loop" in proc.stdout
+def test_bench_table(capsys):
+    out, _ = run(capsys, ["bench", "balancers", "--quick"])
+    assert out.startswith("balancers:  (quick sizes)\n") and "speedup_vs_upstream_loop" in out
+
+
+def test_console_script_end_to_end(data_dir, cache_dir, tmp_path):
+    """The installed ``cp-data`` (next to this Python, as pip puts it) in a fresh process."""
+    exe = Path(sys.executable).parent / ("cp-data.exe" if os.name == "nt" else "cp-data")
+    assert exe.is_file(), f"no cp-data console script next to {sys.executable}: pip install -e '.[dev]'"
+    args = ["inspect", str(data_dir / "docs.jsonl"), "--cp", "2", "--seq-len", "512", "--batches", "2"]
+    env = dict(os.environ, CP_DATA_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(
+        [str(exe), *args, "--plot", str(tmp_path / "plots"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mean over batches" in proc.stdout and "llama3_reordered" in proc.stdout
+    assert (tmp_path / "plots" / "rank_work.png").read_bytes()[:4] == b"\x89PNG"
