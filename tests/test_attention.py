@@ -189,8 +189,7 @@ def test_zig_zag_ring_masks_equal_global_causal_document_mask(chunks, world):
 @pytest.fixture(scope="module")
 def single_rank_group():
     """A gloo world of one process: the CP functions run, with nothing to wait for."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    assert not dist.is_initialized(), "a test left a process group initialised in this process"
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
@@ -304,5 +303,5 @@ def _hangs_on_rank_zero(rank: int, world: int) -> int:
 def test_run_gloo_reports_worker_errors_and_hangs():
     with pytest.raises(RuntimeError, match="boom on rank one"):
         run_gloo(_fails_on_rank_one, 2, timeout=60)
-    with pytest.raises(TimeoutError, match="did not finish in 4 s"):
-        run_gloo(_hangs_on_rank_zero, 2, timeout=4)
+    with pytest.raises(TimeoutError, match="did not finish in 1 s"):
+        run_gloo(_hangs_on_rank_zero, 2, timeout=1)

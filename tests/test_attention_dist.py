@@ -12,8 +12,6 @@ gradients of q, k, v are gathered, unsharded with the collator's plans, and comp
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -27,8 +25,8 @@ from cp_data.collate import ContextParallelCollator
 KINDS = ("zig_zag", "llama3", "ulysses")
 CASES_PER_KIND = 10
 HEADS, HEAD_DIM = 4, 8
-TOLERANCE = {"torch.float64": 1e-5, "torch.float32": 1e-4}
-CAN_REORDER = importlib.util.find_spec("cp_data.balancers.ordering") is not None
+# measured: 2.7e-15 in float64, 1.3e-6 in float32 (a float32 log-sum-exp merge gives 1.6e-6 in float64)
+TOLERANCE = {"torch.float64": 1e-12, "torch.float32": 1e-5}
 
 
 def random_instances(rng: np.random.Generator) -> list[dict]:
@@ -69,7 +67,7 @@ def run_case(
         cp_world_size=world,
         pad_token_id=-1,
         length_multiple=random_length_multiple(rng, kind, world),
-        reorder_documents=CAN_REORDER and kind == "llama3" and bool(rng.integers(2)),
+        reorder_documents=kind == "llama3" and bool(rng.integers(2)),
     )
     batch = collator(instances)
     total = sum(len(inst["input_ids"]) for inst in instances)

@@ -124,12 +124,16 @@ def test_inputs_and_cu_are_not_modified():
 
 
 def test_pad_method():
-    x, added = ZZ(cp_rank=0, cp_world_size=2).pad(torch.ones(2, 5), 1, 7)
-    assert added == 3 and x[:, 5:].eq(7).all() and x.shape == (2, 8)
-    x, added = UL(cp_rank=0, cp_world_size=4).pad(torch.ones(6, 3), 0, 0, length_multiple=8)
+    x0 = torch.arange(10.0).reshape(2, 5)
+    x, added = ZZ(cp_rank=0, cp_world_size=2).pad(x0, 1, 7)
+    assert added == 3 and x.shape == (2, 8)
+    assert torch.equal(x[:, :5], x0) and x[:, 5:].eq(7).all()
+    x0 = torch.arange(18).reshape(6, 3)
+    x, added = UL(cp_rank=0, cp_world_size=4).pad(x0, 0, -1, length_multiple=8)
     assert added == 2 and x.shape == (8, 3)
-    x, added = UL(cp_rank=0, cp_world_size=4).pad(torch.ones(4), -1, 0)
-    assert added == 0 and x.shape == (4,)
+    assert torch.equal(x[:6], x0) and x[6:].eq(-1).all()
+    x, added = UL(cp_rank=0, cp_world_size=4).pad(torch.arange(4), -1, 0)
+    assert added == 0 and x.tolist() == [0, 1, 2, 3]
     for cls in (ZZ, UL):  # 0 is a bad multiple, not a request for the default
         with pytest.raises(ValueError, match="length_multiple must be >= 1, got 0"):
             cls(cp_rank=0, cp_world_size=2).pad(torch.ones(5), 0, 0, length_multiple=0)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 import cp_data.collate
 from cp_data import RingAttentionLoadBalancerType, unshard
 from cp_data.collate import ContextParallelCollator
+from test_balancer_properties import ref_llama3_prepare
 
 KINDS = [k.value for k in RingAttentionLoadBalancerType]
 SPEC_KEYS = {"input_ids", "labels", "position_ids"}
@@ -277,7 +278,7 @@ def test_reorder_documents_keeps_every_token_label_and_position(monkeypatch, per
 
     monkeypatch.setattr(cp_data.collate, "llama3_balanced_order", fake_order)
     rng = np.random.default_rng(3)
-    instances = [make_instance(rng, 40, max_docs=8) for _ in range(3)]
+    instances = [make_instance(rng, 42, max_docs=8) for _ in range(3)]  # 126 tokens: llama3 pads 2
     plain = ContextParallelCollator(load_balancer="llama3", cp_rank=0, cp_world_size=4).full_batch(instances)
     args = dict(load_balancer="llama3", cp_world_size=4, length_multiple=2, reorder_documents=True)
     reordered = ContextParallelCollator(cp_rank=0, **args).full_batch(instances)
@@ -293,7 +294,16 @@ def test_reorder_documents_keeps_every_token_label_and_position(monkeypatch, per
     plans = ContextParallelCollator(cp_rank=0, **args).plans_all_ranks(reordered)
     for key, want in zip(["input_ids", "labels", "position_ids"], reordered):
         assert torch.equal(unshard([s[key][0] for s in shards], plans, seq_dim=-1), want)
-    assert torch.equal(shards[1]["cu_doc_lens_q"], plans[1].metadata["cu_doc_lens_q"])
+    # ring-flash-attn's metadata of the reordered row, padded to a multiple of W x length_multiple
+    padded = reordered.cu_doc_lens.tolist()
+    padded += [-(-padded[-1] // 8) * 8] if padded[-1] % 8 else []
+    for rank, shard in enumerate(shards):
+        expected = ref_llama3_prepare(torch.tensor(padded, dtype=torch.int32), rank, 4)
+        assert {k: shard[k] for k in expected if not isinstance(shard[k], torch.Tensor)} == {
+            k: v for k, v in expected.items() if not isinstance(v, torch.Tensor)
+        }
+        for key in ("cu_doc_lens_q", "cu_doc_lens_k"):
+            assert torch.equal(shard[key], expected[key]), (rank, key)
 
 
 def test_reorder_rejects_a_non_permutation(monkeypatch):

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-
-pytest.importorskip("torchdata")  # the optional hf extra
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from cp_data import RingAttentionLoadBalancerType, RingContextParallelStyle, UlyssesContextParallelStyle
 from cp_data.attention.launch import free_port
 from cp_data.collate import ContextParallelCollator
 from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, dp_cp_coordinates, verify_dp_cp_batch
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 4
 TIMEOUT_S = 120
 
@@ -78,9 +72,56 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             lambda: verify_dp_cp_batch(batch, dataset=data, collator=cfg.collator(rank % 2, 2), mesh=mesh),
             "got the same data",
         ))
+        lines += _same_data_controls(rank, data, cfg.collator(rank % 2, 2), mesh)
+        lines.append(_cp_rank_from_meshes())
         Path(out_dir, f"rank{rank}.txt").write_text("\n".join(lines))
     finally:
         dist.destroy_process_group()
+
+
+def _same_data_controls(rank: int, data, collator, mesh) -> list[str]:
+    """verify_dp_cp_batch flags DP groups that share a sample, and groups that share only content."""
+    dp = rank // 2
+    # Overlap only: samples {0, 1, 2} and {2, 3, 4} share one index, and their tokens differ.
+    indices = [[0, 1, 2], [2, 3, 4]][dp]
+    overlap = _expect_failure(
+        lambda: verify_dp_cp_batch(collator([data[i] for i in indices]), dataset=data, collator=collator, mesh=mesh),
+        "got the same data",
+    )
+    # Content only: disjoint indices of a dataset whose samples are all one instance.
+    copies = IndexedDataset([{k: v for k, v in data[0].items() if k != "index"}] * 4)
+    indices = [[0, 1], [2, 3]][dp]
+    content = _expect_failure(
+        lambda: verify_dp_cp_batch(
+            collator([copies[i] for i in indices]), dataset=copies, collator=collator, mesh=mesh
+        ),
+        "got the same data",
+    )
+    return [overlap, content]
+
+
+def _cp_rank_from_meshes() -> str:
+    """What balancers and collators built from the "cp" dim of ("dp", "cp") and ("cp", "dp") meshes hold.
+
+    One line: per mesh, the (cp_rank, cp_world_size) of the three ``build`` paths and ``from_mesh``.
+    """
+    meshes = [init_device_mesh("cpu", (2, 2), mesh_dim_names=names) for names in (("dp", "cp"), ("cp", "dp"))]
+    seen = []
+    for mesh in meshes:
+        makers = [
+            RingAttentionLoadBalancerType.zig_zag.build,
+            RingContextParallelStyle(load_balancer="llama3").build,
+            UlyssesContextParallelStyle().build,
+            lambda cp_mesh: ContextParallelCollator.from_mesh(cp_mesh, load_balancer="zig_zag"),
+        ]
+        for make in makers:
+            try:
+                made = make(mesh["cp"])
+                seen.append(f"{type(made).__name__}:{made.cp_rank}/{made.cp_world_size}")
+            except ValueError as err:  # e.g. a global rank out of range for the cp group
+                seen.append(f"ValueError:{err}")
+        seen.append("coords:" + ",".join(map(str, dp_cp_coordinates(mesh))))
+    return " ".join(seen)
 
 
 def test_dp_cp_groups_with_four_gloo_processes(tmp_path, monkeypatch):
@@ -95,21 +136,17 @@ def test_dp_cp_groups_with_four_gloo_processes(tmp_path, monkeypatch):
             pytest.fail(f"the 4 gloo processes did not finish within {TIMEOUT_S} s")
     results = [Path(tmp_path, f"rank{r}.txt").read_text().splitlines() for r in range(WORLD)]
     for r, lines in enumerate(results):
-        assert lines[-2:] == ["raised", "raised"]
-        assert len(lines) == 2 + 3 * len(CONFIGS)
-        assert all(line.split()[2:4] == [str(r // 2), str(r % 2)] for line in lines[:-2])
+        assert lines[-5:-1] == ["raised"] * 4
+        # The CP rank is the coordinate in the "cp" dim, wherever that dim lies; never the global rank.
+        dp, cp = r // 2, r % 2
+        built = ["RingAttentionZigZagLoadBalancer", "RingAttentionLlama3LoadBalancer", "UlyssesLoadBalancer"]
+        expected = [f"{name}:{cp}/2" for name in built] + [f"ContextParallelCollator:{cp}/2", f"coords:{dp},2,{cp},2"]
+        expected += [f"{name}:{dp}/2" for name in built] + [f"ContextParallelCollator:{dp}/2", f"coords:{cp},2,{dp},2"]
+        assert lines[-1].split() == expected, (r, lines[-1])
+        assert len(lines) == 5 + 3 * len(CONFIGS)
+        assert all(line.split()[2:4] == [str(r // 2), str(r % 2)] for line in lines[:-5])
     # cp ranks of a dp group print the same samples; the two dp groups print different ones
-    same_group = [[line.split(maxsplit=4)[4] for line in lines[:-2]] for lines in results]
+    same_group = [[line.split(maxsplit=4)[4] for line in lines[:-5]] for lines in results]
     assert same_group[0] == same_group[1] and same_group[2] == same_group[3]
     assert all(a != b for a, b in zip(same_group[0], same_group[2]))
 
-
-def test_pipeline_script_under_torchrun(tmp_path):
-    env = dict(os.environ, CP_DATA_CACHE=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(REPO / "pipelines" / "dp_cp_loader.py"), "--steps", "2", "--seq-len", "512"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = re.findall(r"step \d rank \d dp \d cp \d samples", proc.stdout)  # lines may interleave
-    assert len(steps) == 2 * WORLD
-    assert "OK: 2 steps" in proc.stdout

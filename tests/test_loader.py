@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("torchdata")  # the optional hf extra
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import Dataset, IterableDataset
@@ -159,7 +157,8 @@ def test_iterable_datasets_split_by_dp_rank():
 
 
 def test_hf_iterable_dataset_is_split_by_node():
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     items = Synthetic(n=8).items
     columns = {k: [item[k].tolist() if isinstance(item[k], torch.Tensor) else item[k] for item in items]
                for k in items[0]}
@@ -197,7 +196,8 @@ def test_indexed_dataset_and_config_errors():
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_with_the_streaming_packed_dataset(num_workers):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     from cp_data.datasets import PackedIterableDataset
     from cp_data.packing import PackingConfig
 

@@ -3,8 +3,8 @@
 import re
 from pathlib import Path
 
+import nbclient
 import nbformat
-import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore_shards.ipynb"
 
@@ -17,7 +17,6 @@ def test_notebook_is_stored_stripped():
 
 
 def test_notebook_executes(tmp_path, monkeypatch):
-    nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("CP_DATA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")

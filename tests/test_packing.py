@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cp_data.balancers import RingAttentionZigZagLoadBalancer
 from cp_data.packing import PackingConfig, assemble_row, best_fit_decreasing, plan_packing
 
 lengths_st = st.lists(st.integers(0, 40), max_size=40)
@@ -132,8 +134,6 @@ def test_cp_multiple_rows_shard_without_padding(lengths, W, k, algorithm):
 
 
 def test_cp_multiple_zig_zag_balancer_local_length():
-    balancers = pytest.importorskip("cp_data.balancers")
-    torch = pytest.importorskip("torch")
     lengths = [5, 17, 1, 30, 9, 2, 64, 11]
     S, W = 32, 4
     docs = make_docs(lengths)
@@ -142,7 +142,7 @@ def test_cp_multiple_zig_zag_balancer_local_length():
         ids = torch.from_numpy(row["input_ids"]).unsqueeze(0)
         cu = torch.from_numpy(np.concatenate(([0], np.cumsum(row["doc_lens"])))).to(torch.int32)
         for r in range(W):
-            lb = balancers.RingAttentionZigZagLoadBalancer(cp_rank=r, cp_world_size=W)
+            lb = RingAttentionZigZagLoadBalancer(cp_rank=r, cp_world_size=W)
             (local,), _ = lb.batch_shard_by_document(inputs=[ids], seq_dims=[1], cu_doc_lens=cu)
             assert local.shape[1] == S // W
 
