@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data import RingAttentionLoadBalancerType
@@ -17,6 +17,7 @@ from cp_data.attention import cp_attention, llama3_attention, varlen_attention, 
 from cp_data.attention.launch import free_port, run_gloo
 from cp_data.attention.reference import masked_attention, masked_attention_backward
 from cp_data.attention.ring import step_mask, zig_zag_step_masks
+from hypothesis_profiles import few_examples
 
 H, D = 3, 4
 
@@ -55,7 +56,7 @@ def per_document_attention(q, k, v, lens_q, lens_k):
 doc_lengths = st.lists(st.integers(1, 9), min_size=1, max_size=8)
 
 
-@settings(settings.get_profile("few"))  # each example runs many small torch ops
+@few_examples  # each example runs many small torch ops
 @given(doc_lengths, st.integers(0, 10_000))
 def test_varlen_attention_equals_per_document_attention(lengths, seed):
     cu = cumulative(lengths)
@@ -71,7 +72,7 @@ def test_varlen_attention_equals_per_document_attention(lengths, seed):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
 
 
-@settings(settings.get_profile("few"))  # each example runs many small torch ops
+@few_examples  # each example runs many small torch ops
 @given(
     st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6)), min_size=1, max_size=6),
     st.integers(0, 99),
@@ -133,7 +134,7 @@ def test_blockwise_backward_with_final_lse_equals_autograd(tq, tk, blocks, seed)
         torch.testing.assert_close(got, w, atol=1e-12, rtol=0)
 
 
-@settings(settings.get_profile("few"))  # each example runs many small torch ops
+@few_examples  # each example runs many small torch ops
 @given(st.lists(st.integers(1, 15), min_size=1, max_size=8), st.integers(1, 4), st.integers(0, 99))
 def test_llama3_metadata_semantics_without_processes(lengths, world, seed):
     """Each rank's queries against gathered[local_k_slice] with cu_q/cu_k give its rows of full attention."""
@@ -169,7 +170,7 @@ def test_zig_zag_ring_masks_spec_example():
     ]
 
 
-@settings(settings.get_profile("few"))
+@few_examples
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=6), st.integers(1, 4))
 def test_zig_zag_ring_masks_equal_global_causal_document_mask(chunks, world):
     """For every rank r and sender s, the ring's step mask is the full mask between their tokens."""

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data import RingAttentionLoadBalancerType, llama3_cu_seqlens, unshard
+from hypothesis_profiles import many_examples
 
 KINDS = [k.value for k in RingAttentionLoadBalancerType]
 
@@ -116,7 +117,7 @@ def shard_all_ranks(kind, W, **kwargs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(settings.get_profile("many"))
+@many_examples
 @given(case=cases())
 def test_by_document_matches_reference_and_unshards(kind, case):
     W, cu, seq_dim = case["W"], case["cu"], case["seq_dim"]
@@ -167,7 +168,7 @@ def test_by_document_matches_reference_and_unshards(kind, case):
 
 
 @pytest.mark.parametrize("kind", ["zig_zag", "ulysses"])
-@settings(settings.get_profile("many"))
+@many_examples
 @given(case=cases())
 def test_batch_shard_matches_reference_and_unshards(kind, case):
     W, n, seq_dim = case["W"], case["cu"][-1], case["seq_dim"]
@@ -188,7 +189,7 @@ def test_batch_shard_matches_reference_and_unshards(kind, case):
     assert torch.equal(unshard(shards, bal.plan_all_ranks(n, length_multiple=multiple), seq_dim), x)
 
 
-@settings(settings.get_profile("many"))
+@many_examples
 @given(case=cases())
 def test_every_token_lands_once_and_documents_stay_in_order(case):
     """Across ranks the real positions form a permutation; within a rank, documents keep order."""
@@ -204,7 +205,7 @@ def test_every_token_lands_once_and_documents_stay_in_order(case):
             assert (np.diff(doc_of[positions]) >= 0).all()
 
 
-@settings(settings.get_profile("many"))
+@many_examples
 @given(
     lengths=st.lists(st.integers(0, 30), min_size=1, max_size=10),
     W=st.integers(1, 8),

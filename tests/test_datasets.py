@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets.distributed import split_dataset_by_node
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -21,6 +21,7 @@ from cp_data.datasets import (
     train_bpe,
 )
 from cp_data.packing import PackingConfig
+from hypothesis_profiles import few_examples
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def check_instance(row, S):
     assert row["label_mask"].dtype == torch.bool and row["label_mask"].shape == (S,)
 
 
-@settings(settings.get_profile("few"))  # each example builds a HF dataset
+@few_examples  # each example builds a HF dataset
 @given(
     st.lists(st.lists(st.integers(1, 10**6), max_size=30), max_size=25),
     st.integers(1, 16),

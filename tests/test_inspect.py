@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
@@ -17,6 +17,7 @@ from cp_data.inspect import (
     shard_map,
     shard_metrics,
 )
+from hypothesis_profiles import few_examples
 
 
 def padded_layout(kind, lens, world, multiple):
@@ -150,7 +151,7 @@ def test_reordered_row_keeps_tokens():
 
 
 @given(lens_st, st.sampled_from(["zig_zag", "llama3", "ulysses"]), st.integers(1, 4))
-@settings(settings.get_profile("few"))
+@few_examples
 def test_shard_map_matches_shards(lens, kind, world):
     cu = np.concatenate([[0], np.cumsum(lens)])
     n = int(cu[-1])

@@ -5,12 +5,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data import PAD, RingAttentionLoadBalancerType
 from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
 from cp_data.bench.ordering import work_lower_bound
+from hypothesis_profiles import few_examples
 
 
 def brute_force_work(doc_lens, world, length_multiple=None):
@@ -60,7 +61,7 @@ def test_permutation_never_worse(lens, world, multiple):
     assert after.max() <= before.max() * (1 + 1e-12)
 
 
-@settings(settings.get_profile("few"))  # each example orders three 2048-token rows
+@few_examples  # each example orders three 2048-token rows
 @given(st.integers(0, 2**32 - 1), st.sampled_from([2, 4, 8]))
 def test_lowers_imbalance_on_random_mixes(seed, world):
     rng = np.random.default_rng(seed)

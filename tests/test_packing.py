@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data.balancers import RingAttentionZigZagLoadBalancer
 from cp_data.packing import PackingConfig, assemble_row, best_fit_decreasing, plan_packing
+from hypothesis_profiles import few_examples
 
 lengths_st = st.lists(st.integers(0, 40), max_size=40)
 seq_len_st = st.integers(1, 24)
@@ -72,7 +73,7 @@ def test_bfd_matches_per_item_definition(sizes, capacity, shrink):
     assert best_fit_decreasing(sizes, capacity).tolist() == naive_bfd(sizes, capacity)
 
 
-@settings(settings.get_profile("few"))  # exhaustive search for the optimum
+@few_examples  # exhaustive search for the optimum
 @given(st.lists(st.integers(1, 10), min_size=1, max_size=9), st.integers(10, 14))
 def test_bfd_within_known_bound_of_optimum(sizes, capacity):
     bins = int(best_fit_decreasing(sizes, capacity).max()) + 1

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from hypothesis import settings
 
+from hypothesis_profiles import few_examples, many_examples
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -17,10 +19,11 @@ def test_ci_profile_is_derandomised_without_a_database():
 
 
 def test_tiers_scale_with_the_active_profile():
-    active = settings.default.max_examples
-    assert settings.get_profile("few").max_examples == max(2, round(active / 4))
-    assert settings.get_profile("many").max_examples == 3 * active
-    assert settings.get_profile("few").derandomize == settings.default.derandomize
+    active = settings.default
+    assert few_examples.max_examples == max(2, active.max_examples // 4)
+    assert many_examples.max_examples == 3 * active.max_examples
+    for tier in (few_examples, many_examples):
+        assert (tier.derandomize, tier.database) == (active.derandomize, active.database)
 
 
 def test_no_test_pins_its_own_example_count():
