@@ -7,6 +7,8 @@ Pick one with ``HYPOTHESIS_PROFILE`` (default ``ci``):
 - ``thorough``: random examples, ten times as many, and the local example database, so a failure
   found once is tried first from then on. What developers run before sending a change.
 - ``quick``: a few derandomised examples, for iterating on one test file.
+- ``mutation``: the ``ci`` examples without shrinking a failure (``tests/mutation.py`` only asks
+  whether CI would fail).
 
 Tests never set ``max_examples`` themselves (that would pin them to one size under every
 profile). A test whose examples are costly takes ``@few_examples`` (a quarter of the active
@@ -18,7 +20,7 @@ processes that the distributed tests spawn.
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,6 +33,9 @@ settings.register_profile(
     derandomize=False,
     database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
     **_COMMON,
+)
+settings.register_profile(
+    "mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
