@@ -5,7 +5,7 @@ the dp coordinate) and its :class:`~cp_data.collate.ContextParallelCollator` kee
 
 Supported datasets:
 
-- map-style (any ``torch.utils.data.Dataset`` with ``__len__`` returning SPEC §3 packed
+- map-style (any ``torch.utils.data.Dataset`` with ``__len__`` returning collator-ready packed
   instances): :class:`DataParallelSampler` splits the indices by dp rank, shuffles per epoch
   from ``seed`` and saves its position in the loader's ``state_dict()``.
 - iterable: a Hugging Face ``datasets.IterableDataset`` is split with

@@ -117,7 +117,7 @@ def as_row(batch: BatchRow | Any, padding_mask: Any = None) -> BatchRow:
 
 
 def row_from_instances(instances: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> BatchRow:
-    """The flattened row of B packed instances (SPEC §3), as the collator builds it.
+    """The flattened row of B packed instances, as the collator builds it.
 
     The instances are validated as the collator does (:func:`cp_data.collate.check_instances`).
     Instance padding is where ``label_mask`` is False and the token is ``pad_token_id`` (what the
