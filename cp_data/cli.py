@@ -182,7 +182,9 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     shown = report.busiest_batch()
     instances = [packed[i] for i in rows[shown]]
     comparison = report.comparisons[shown]
-    previews = shard_previews(instances, args.cp, comparison.metrics, decode, length_multiple=args.length_multiple)
+    previews = shard_previews(
+        instances, args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
+    )
     plots = []
     if args.plot:
         from cp_data.inspect.plots import use_file_backend
@@ -204,7 +206,8 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     print(describe_sample(rows, len(packed), None if args.all else args.batches, seed=args.seed))
     print(report.render())
     label = report.batch_label(shown)
-    print(f"\n{label}: {plural(report.documents[shown], 'document')}, the most of any batch inspected; per rank:")
+    documents = plural(report.documents[shown], "document")
+    print(f"\n{label}: {documents}, the most of any batch inspected; per rank:")
     print(comparison.render())
     for name, m in comparison.metrics.items():
         print()

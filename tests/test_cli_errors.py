@@ -11,6 +11,8 @@ import pytest
 from cp_data.cli import main
 
 ELF = bytes(range(0x7F, 0x100)) * 4  # not UTF-8, not JSON
+BLANK = "the file is empty or holds only blank lines"
+NULLS = "all 3 'text' values are empty or null"
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +34,11 @@ def error_line(capsys, argv, code=1):
 @pytest.mark.parametrize(
     "name, content, why",
     [
-        ("empty.jsonl", b"", "the file is empty or holds only blank lines"),
-        ("blank.jsonl", b"\n \n\n", "the file is empty or holds only blank lines"),
-        ("empty.txt", b"", "the file is empty or holds only blank lines"),
-        ("blank.txt", b"\n\n", "the file is empty or holds only blank lines"),
-        ("nulls.jsonl", b'{"text": null}\n{"text": ""}\n{"text": null}\n', "all 3 'text' values are empty or null"),
+        ("empty.jsonl", b"", BLANK),
+        ("blank.jsonl", b"\n \n\n", BLANK),
+        ("empty.txt", b"", BLANK),
+        ("blank.txt", b"\n\n", BLANK),
+        ("nulls.jsonl", b'{"text": null}\n{"text": ""}\n{"text": null}\n', NULLS),
         ("list.json", b"[]", "the file has no rows"),
     ],
 )
@@ -49,7 +51,7 @@ def test_no_documents(tmp_path, capsys, name, content, why):
 @pytest.mark.parametrize(
     "name, content, cause",
     [
-        ("broken.jsonl", b'{"text": "fine"}\n{"text": \n', "as json: JSON parse error: Invalid value. in row 1"),
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', "as json: JSON parse error: Invalid value. in row 1"),
         ("binary.jsonl", ELF, "as json: JSON parse error: Invalid value. in row 0"),
         ("binary.txt", ELF, "as text: 'utf-8' codec can't decode byte 0x80 in position 1: invalid start byte"),
         ("binary.parquet", ELF, "as parquet: Parquet magic bytes not found in footer."),

@@ -168,7 +168,8 @@ def test_demo_bars_do_not_nest_off_a_terminal_and_settings_repeat_the_run(capsys
         return datasets.Dataset.from_dict({"input_ids": [list(range(1, n)) for n in (30, 9, 60, 5, 17, 44)]})
 
     monkeypatch.setattr(cp_data.datasets, "load_default_corpus", tiny_corpus)
-    argv = ["demo", "--tokenizer", "bytes", "--seq-len", "32", "--cp", "2", "--batch-size", "1", "--batches", "3"]
+    argv = ["demo", "--tokenizer", "bytes", "--seq-len", "32", "--cp", "2", "--batch-size", "1"]
+    argv += ["--batches", "3"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "inner" in err and "\x1b[A" not in err  # stderr is not a terminal here

@@ -20,7 +20,8 @@ def cache(tmp_path):
 def test_files_without_documents_are_named(tmp_path, cache, name, content):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=f"^{path} holds no documents: the file is empty or holds only blank lines$"):
+    why = "the file is empty or holds only blank lines"
+    with pytest.raises(ValueError, match=f"^{path} holds no documents: {why}$"):
         load_text_files([str(path)], cache_dir=cache)
     # Also through a glob pattern, and with several such files at once.
     (tmp_path / f"also-{name}").write_bytes(content)
