@@ -7,6 +7,7 @@ stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -59,12 +60,17 @@ def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: 
     p.add_argument(
         "--balancer", choices=BALANCERS + ["all"], default="all", help="balancer to show (default all)"
     )
-    p.add_argument(
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument(
         "--batches",
         type=_positive,
         default=batches,
         metavar="N",
-        help=f"batches to inspect (default {batches})",
+        help=f"batches to inspect, their rows spread over the whole packed dataset (default {batches})",
+    )
+    sample.add_argument("--all", action="store_true", help="inspect every batch of the packed dataset")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the rows drawn into the batches (default 0)"
     )
     p.add_argument(
         "--batch-size",
@@ -133,53 +139,82 @@ def _kinds(args: argparse.Namespace) -> list[str]:
     return BALANCERS if args.balancer == "all" else [args.balancer]
 
 
-def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> None:
-    from cp_data.inspect.report import inspect_batches, render_rank_table, save_plots, shard_previews
-    from cp_data.inspect.sources import iter_batches
+SETTINGS = (
+    "cp", "seq_len", "batch_size", "batches", "packing", "cp_multiple", "length_multiple", "tokenizer", "seed"
+)
+"""The options that shape a report; its ``settings:`` line repeats them, defaults included."""
 
-    batches = list(iter_batches(packed, args.batch_size, args.batches))
-    if not batches:
+
+def _settings(args: argparse.Namespace) -> str:
+    """The options of this run as command-line flags (demo and inspect have different defaults)."""
+    flags = [
+        f"--{k.replace('_', '-')} {getattr(args, k)}"
+        for k in SETTINGS
+        if getattr(args, k) is not None and not (k == "batches" and args.all)
+    ]
+    return "settings: " + " ".join(flags + (["--all"] if args.all else []))
+
+
+def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> None:
+    from cp_data.inspect.metrics import plural
+    from cp_data.inspect.report import inspect_batches, render_rank_table, save_plots, shard_previews
+    from cp_data.inspect.sources import describe_sample, sample_batches
+
+    rows = sample_batches(len(packed), args.batch_size, None if args.all else args.batches, seed=args.seed)
+    if not rows:
         raise ValueError(
-            f"only {len(packed)} packed rows of {args.seq_len} tokens: not enough for one batch of "
+            f"only {plural(len(packed), 'packed row')} of {args.seq_len} tokens: not enough for one batch of "
             f"{args.batch_size}; lower --batch-size or --seq-len"
         )
     report = inspect_batches(
-        batches,
+        ([packed[i] for i in r] for r in rows),
         args.cp,
         _kinds(args),
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         length_multiple=args.length_multiple,
+        rows=rows,
+        total=len(rows),
         progress=not args.no_progress,
     )
     report.packing = packed.metrics()
     # Show the ranks of the batch with the most documents: where balancers differ most.
-    num_docs = [sum(len(i["doc_lens"]) for i in batch) for batch in batches]
-    shown = num_docs.index(max(num_docs))
+    shown = report.busiest_batch()
+    instances = [packed[i] for i in rows[shown]]
     comparison = report.comparisons[shown]
     previews = shard_previews(
-        batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
+        instances, args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
     )
     plots = []
     if args.plot:
         from cp_data.inspect.plots import use_file_backend
 
         use_file_backend()
-        plots = save_plots(report, args.plot, batches[shown])
+        plots = save_plots(report, args.plot, shown, instances, corpus_doc_lens=packed.store.lengths)
     if args.json:
         out = report.to_dict()
-        out.update(shown_batch=shown, previews=previews, plots=[str(p) for p in plots])
+        out.update(
+            sample=dict(all=args.all, seed=args.seed, packed_rows=len(packed)),
+            shown_batch=shown,
+            previews=previews,
+            plots=[str(p) for p in plots],
+        )
         print(json.dumps(out, indent=1))
         return
     print(header)
+    print(_settings(args))
+    print(describe_sample(rows, len(packed), None if args.all else args.batches, seed=args.seed))
     print(report.render())
-    print(f"\nbatch {shown} ({num_docs[shown]} documents), per rank:")
+    label = report.batch_label(shown)
+    documents = plural(report.documents[shown], "document")
+    print(f"\n{label}: {documents}, the most of any batch inspected; per rank:")
     print(comparison.render())
     for name, m in comparison.metrics.items():
         print()
         print(render_rank_table(m, previews[name]))
     for p in plots:
-        print(f"wrote {p}")
+        shows = "the corpus's document lengths before packing" if p.name == "doc_lengths.png" else label
+        print(f"wrote {p}: {shows}")
 
 
 def _packing_config(args: argparse.Namespace):
@@ -201,8 +236,11 @@ def _demo(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
+    from cp_data.inspect.sources import describe_packing
 
-    with tqdm(total=3, desc="demo", disable=args.no_progress) as bar:
+    # Off a terminal, nested bars (datasets' own run inside this one) print raw cursor escapes.
+    outer = not args.no_progress and sys.stderr.isatty()
+    with tqdm(total=3, desc="demo", disable=not outer) as bar:
         bar.set_postfix_str(f"corpus {args.corpus}")
         corpus = load_default_corpus(args.corpus, args.tokenizer)
         bar.update()
@@ -211,24 +249,33 @@ def _demo(args: argparse.Namespace) -> None:
         bar.update()
         tokenizer = get_tokenizer(args.tokenizer)
         bar.update()
-    header = (
-        f"embedded corpus '{args.corpus}': {len(corpus)} documents -> {len(packed)} rows of {args.seq_len} "
-        f"tokens; CP degree {args.cp}"
-    )
+    header = f"embedded corpus '{args.corpus}': {describe_packing(packed)}; CP degree {args.cp}"
     _report(args, packed, tokenizer.decode, header)
 
 
-def _inspect(args: argparse.Namespace) -> None:
-    from cp_data.inspect.sources import load_documents, pack_documents
+@contextlib.contextmanager
+def _quiet_datasets_log():
+    from datasets.utils import logging
 
-    dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from cp_data.inspect.sources import describe_packing, load_documents, pack_documents
+
+    name = " ".join(args.paths)
+    with _quiet_datasets_log():  # datasets logs a read failure that our one error line repeats
+        dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)
     packed, tokenizer = pack_documents(
-        dataset, _packing_config(args), tokenizer=args.tokenizer, text_column=args.text_column
+        dataset, _packing_config(args), tokenizer=args.tokenizer, text_column=args.text_column, name=name
     )
-    header = (
-        f"{' '.join(args.paths)}: {len(dataset)} documents -> {len(packed)} rows of {args.seq_len} tokens"
-    )
-    _report(args, packed, tokenizer.decode if tokenizer is not None else None, header)
+    decode = tokenizer.decode if tokenizer is not None else None
+    _report(args, packed, decode, f"{name}: {describe_packing(packed)}")
 
 
 def _bench_modules() -> list[str]:
@@ -292,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cp-data: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes it at exit
+        return 141
     except (ValueError, OSError, ImportError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"cp-data: error: {message}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The collate stage: B packed instances -> one context-parallel rank's training batch (SPEC §2-3)."""
+"""The collate stage: B packed instances -> the training batch of one context-parallel rank."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _check_tensor(value: Any, i: int, key: str, dtype: torch.dtype, length: int 
 def check_instances(
     instances: Sequence[Mapping[str, Any]],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, list[str]]:
-    """Validate packed instances (SPEC §3); return their input_ids, doc_lens, label_masks, other keys.
+    """Validate packed instances (see :class:`ContextParallelCollator`); return their input_ids,
+    doc_lens, label_masks and other keys.
 
     Raises ``ValueError`` naming the instance index and key for anything malformed.
     """
@@ -128,7 +129,22 @@ def document_positions(doc_starts: torch.Tensor, doc_lens: torch.Tensor, num_tok
 
 @dataclass(kw_only=True)
 class ContextParallelCollator:
-    """Collate packed instances into the batch of one context-parallel rank (SPEC §2-3).
+    """Collate packed instances into the batch of one context-parallel rank.
+
+    A packed instance is a dict with ``input_ids`` (int64 [S]), ``doc_lens`` (int64 [n], every
+    length > 0, summing to S; a trailing run of padding counts as one document) and optionally
+    ``label_mask`` (bool [S], False on padding and on tokens that must not be predicted); any
+    other key is collated with ``default_collate`` and passed through. Rows hold different numbers
+    of documents, so ``doc_lens`` cannot be stacked: a DataLoader over packed instances with
+    ``batch_size`` > 1 needs this collator (``default_collate`` fails).
+
+    The batch holds ``input_ids``, ``labels`` and ``position_ids`` (int64, this rank's tokens:
+    [1, L] with document masking, [B, L] without) plus, with document masking, the balancer's
+    metadata (``cu_doc_lens`` int32 and ``max_doc_len``, or the llama3 keys), and the
+    pass-through keys. ``labels[i]`` is the next token of the same document, or -100
+    at a document's last token, on padding and where ``label_mask`` is False; ``position_ids``
+    restart at 0 at every document. Both are computed on the full row before sharding, so they
+    are right on every rank.
 
     With ``document_masking`` (the default) the B rows are flattened into one packed row of B·S
     tokens, labels and positions are computed on that full row, and the three tensors are
@@ -191,7 +207,7 @@ class ContextParallelCollator:
         return self.balancer.plan(seq_len, cu_doc_lens, length_multiple=self.length_multiple)
 
     def full_batch(self, instances: Sequence[Mapping[str, Any]]) -> FullBatch:
-        """SPEC §3 steps 1-2 (and the document reordering): the batch before sharding."""
+        """The batch before sharding: rows flattened, labels and positions computed, documents reordered."""
         ids, lens, masks, extra = check_instances(instances)
         passthrough = default_collate([{k: inst[k] for k in extra} for inst in instances]) if extra else {}
         if not self.document_masking:
@@ -236,7 +252,7 @@ class ContextParallelCollator:
         return self.balancer.plan_all_ranks(seq_len, full.cu_doc_lens, length_multiple=self.length_multiple)
 
     def __call__(self, instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """The SPEC §2 batch of rank ``cp_rank`` for a list of B packed instances."""
+        """The batch of rank ``cp_rank`` (keys in the class docstring) for a list of B packed instances."""
         full = self.full_batch(instances)
         plan = self._plan(full.input_ids.shape[-1], full.cu_doc_lens)
         input_ids, labels, positions = plan.shard_all(

@@ -5,7 +5,7 @@ the dp coordinate) and its :class:`~cp_data.collate.ContextParallelCollator` kee
 
 Supported datasets:
 
-- map-style (any ``torch.utils.data.Dataset`` with ``__len__`` returning SPEC §3 packed
+- map-style (any ``torch.utils.data.Dataset`` with ``__len__`` returning collator-ready packed
   instances): :class:`DataParallelSampler` splits the indices by dp rank, shuffles per epoch
   from ``seed`` and saves its position in the loader's ``state_dict()``.
 - iterable: a Hugging Face ``datasets.IterableDataset`` is split with
@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ._warnings import no_set_vital_warning
 from .balancers import RingAttentionLoadBalancerType, unshard
 from .balancers.validation import is_int
 from .collate import IGNORE_INDEX, PRODUCED_KEYS, ContextParallelCollator
@@ -231,7 +232,8 @@ class ContextParallelLoaderConfig:
         if isinstance(dataset, IterableDataset):
             if self.split_iterable and dp_world_size > 1:
                 dataset = _split_iterable(dataset, dp_rank, dp_world_size)
-            return StatefulDataLoader(dataset, **common)
+            with no_set_vital_warning():
+                return StatefulDataLoader(dataset, **common)
         sampler = DataParallelSampler(
             len(dataset),
             dp_rank=dp_rank,
@@ -240,7 +242,8 @@ class ContextParallelLoaderConfig:
             seed=self.seed,
             drop_last=self.drop_last,
         )
-        return StatefulDataLoader(dataset, sampler=sampler, **common)
+        with no_set_vital_warning():
+            return StatefulDataLoader(dataset, sampler=sampler, **common)
 
 
 def shard_summary(batch: dict[str, Any]) -> str:

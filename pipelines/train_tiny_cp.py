@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any, Callable
@@ -176,7 +175,6 @@ def full_attention(q, k, v, batch):
 
 def run_rank(rank: int, world: int, cfg: TinyConfig) -> dict | None:
     """Everything one rank does; rank 0 returns the results of all runs."""
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata noise
     dataset = synthetic_dataset(cfg)
     runs = {}
     if rank == 0:  # CP=1: a llama3 collator with one rank yields the whole row, unpadded

@@ -250,10 +250,10 @@ def llama3_balanced_order(
     """
     lens, bounds = _check(doc_lens, cp_world_size, length_multiple)
     identity = np.arange(lens.size, dtype=np.int64)
-    if lens.size < 2 or cp_world_size == 1:
-        return identity
     # Zero-length documents change nothing; search over the others and put them back at the end.
     real = identity[lens > 0]
+    if real.size < 2 or cp_world_size == 1:
+        return identity  # no order of fewer than two real documents changes the work
     good_enough = _GOOD_ENOUGH * _tri(lens).sum() / cp_world_size
     window = real[_window_order(lens[real], cp_world_size, int(bounds[1]))]
     # The snake first: on long (flattened) rows it is usually good enough at once.

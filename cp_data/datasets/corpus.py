@@ -8,6 +8,7 @@ that serves users' own files.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import datasets
+import pyarrow as pa
 import tokenizers
+from datasets.exceptions import DatasetGenerationError
 
 from cp_data.packing import PackingConfig
 
@@ -134,8 +137,12 @@ def load_text_files(
     """Local files as a HF dataset via ``load_dataset("text"|"json"|"parquet", data_files=...)``.
 
     The format follows the extension (``.json``/``.jsonl`` -> json, ``.parquet`` -> parquet,
-    otherwise text, one document per line; pass ``sample_by="document"`` for one per file). HF
-    caches stay in the cp_data cache.
+    otherwise text, one document per line; pass ``sample_by="document"`` for one per file). Glob
+    patterns are allowed. HF caches stay in the cp_data cache.
+
+    Raises ``ValueError`` naming the file when the files hold no documents (empty, only blank
+    lines, no rows) or a file cannot be read (malformed JSON, binary data), with the cause. A
+    streaming dataset reads lazily, so only the empty-file check happens here.
     """
     files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
     if not files:
@@ -145,14 +152,70 @@ def load_text_files(
         file_format = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix, "text")
     if file_format not in ("text", "json", "parquet"):
         raise ValueError(f"file_format must be 'text', 'json' or 'parquet', got {file_format!r}")
-    return datasets.load_dataset(
-        file_format,
-        data_files=[str(f) for f in files],
-        split="train",
-        streaming=streaming,
-        cache_dir=str(default_cache_dir(cache_dir) / "hf"),
-        **load_kwargs,
-    )
+    files = [str(f) for f in files]
+    matches = [_local_files(f) for f in files]
+    local = [path for m in matches for path in m]
+    if file_format != "parquet" and all(matches) and not any(map(_holds_text, local)):
+        raise ValueError(_no_documents(local, "is empty or holds only blank lines"))
+
+    def load(data: list[str], streaming: bool):
+        return datasets.load_dataset(
+            file_format,
+            data_files=data,
+            split="train",
+            streaming=streaming,
+            cache_dir=str(default_cache_dir(cache_dir) / "hf"),
+            **load_kwargs,
+        )
+
+    try:
+        ds = load(files, streaming)
+    except (DatasetGenerationError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError too
+        named = [str(p) for p in local] if all(matches) else files
+        culprit = named[0] if len(named) == 1 else _first_unreadable(named, lambda f: list(load([f], True)))
+        cause = exc.__cause__ or exc
+        raise ValueError(f"cannot read {culprit or ', '.join(named)} as {file_format}: {cause}") from exc
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):  # datasets' words for "no rows at all"
+            raise
+        raise ValueError(_no_documents(local or files, "has no rows")) from None
+    if not streaming and len(ds) == 0:
+        raise ValueError(_no_documents(local or files, "has no rows"))
+    return ds
+
+
+def _local_files(pattern: str) -> list[Path]:
+    """The local files that ``pattern`` names (a path or a glob pattern); [] for anything else."""
+    if Path(pattern).is_file():
+        return [Path(pattern)]
+    if not any(c in pattern for c in "*?["):
+        return []
+    return [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
+
+
+def _holds_text(path: Path) -> bool:
+    """Whether the file has a byte other than whitespace (reads only up to the first one)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _no_documents(files: Sequence[Union[str, Path]], why: str) -> str:
+    if len(files) == 1:
+        return f"{files[0]} holds no documents: the file {why}"
+    return f"{', '.join(map(str, files))} hold no documents: each file {why}"
+
+
+def _first_unreadable(files: Sequence[str], read) -> Optional[str]:
+    """The first of ``files`` that ``read`` fails on (only called once reading them all failed)."""
+    for f in files:
+        try:
+            read(f)
+        except Exception:  # noqa: BLE001 - any failure names the culprit; the caller has the cause
+            return f
+    return None
 
 
 def load_default_corpus(

@@ -38,6 +38,7 @@ __all__ = [
     "row_from_instances",
     "shard_metrics",
     "compare_balancers",
+    "plural",
     "REORDERED",
 ]
 
@@ -116,7 +117,7 @@ def as_row(batch: BatchRow | Any, padding_mask: Any = None) -> BatchRow:
 
 
 def row_from_instances(instances: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> BatchRow:
-    """The flattened row of B packed instances (SPEC §3), as the collator builds it.
+    """The flattened row of B packed instances, as the collator builds it.
 
     The instances are validated as the collator does (:func:`cp_data.collate.check_instances`).
     Instance padding is where ``label_mask`` is False and the token is ``pad_token_id`` (what the
@@ -208,6 +209,12 @@ class ShardMetrics:
                 f"{self.work[r]:>12,.0f} {self.padding_work[r]:>10,.0f}"
             )
         return "\n".join(lines)
+
+
+def plural(n: int, word: str, *, with_count: bool = True) -> str:
+    """``"1 document"``, ``"2 documents"``, ``"3 batches"`` (``with_count=False``: the word only)."""
+    form = word if n == 1 else word + ("es" if word.endswith(("s", "ch")) else "s")
+    return f"{n} {form}" if with_count else form
 
 
 def _imbalance(values: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import BalancerComparison
+from .metrics import BalancerComparison, plural
 from .shard_map import ShardMap
 
 if TYPE_CHECKING:
@@ -54,56 +54,74 @@ def plot_shard_map(
 ) -> "Figure":
     """Documents (rows) × positions inside each document, coloured by the rank holding them.
 
-    A final row shows the padding each rank adds. Only the first ``max_docs`` documents are drawn.
+    Documents are numbered in row order; the padding that ends a packed row is drawn hatched as
+    "row padding", not numbered. A last "balancer padding" row shows the padding each rank's
+    shard gets from the balancer, when there is any. Only the first ``max_docs`` documents are
+    drawn. ``title`` replaces the balancer's name at the start of the title.
     """
-    from matplotlib.patches import Patch
-
     lens = np.diff(smap.cu_doc_lens)
     shown = min(len(lens), max_docs)
+    real = np.ones(len(lens), bool) if smap.real_documents is None else np.asarray(smap.real_documents)
     colors = _rank_colors(smap.cp_world_size)
-    fig = _figure(figsize=(9, 1.2 + 0.22 * (shown + 1)))
+    has_padding = bool(smap.padding.sum())
+    fig = _figure(figsize=(9, 1.2 + 0.22 * (shown + has_padding)))
     ax = fig.add_subplot()
     starts, run_lens, ranks = smap.runs()
     doc = np.searchsorted(smap.cu_doc_lens, starts, side="right") - 1
-    keep = doc < shown
     offset = starts - smap.cu_doc_lens[doc]
-    ax.barh(
-        doc[keep],
-        run_lens[keep],
-        left=offset[keep],
-        height=0.8,
-        color=[colors[r] for r in ranks[keep]],
-        linewidth=0,
-    )
-    pad_left = np.concatenate([[0], np.cumsum(smap.padding)[:-1]])
-    ax.barh(
-        np.full(smap.cp_world_size, shown),
-        smap.padding,
-        left=pad_left,
-        height=0.8,
-        color=colors,
-        hatch="//",
-        edgecolor="white",
-        linewidth=0,
-    )
-    ax.set_yticks(list(range(shown)) + [shown], [str(d) for d in range(shown)] + ["padding"])
+    for is_real in (True, False):
+        keep = (doc < shown) & (real[doc] == is_real)
+        ax.barh(
+            doc[keep],
+            run_lens[keep],
+            left=offset[keep],
+            height=0.8,
+            color=[colors[r] for r in ranks[keep]],
+            hatch=None if is_real else "//",
+            edgecolor="white",
+            linewidth=0,
+        )
+    number = np.cumsum(real) - 1  # real documents are numbered 0, 1, ... in row order
+    labels = [str(number[d]) if real[d] else "row padding" for d in range(shown)]
+    if has_padding:
+        pad_left = np.concatenate([[0], np.cumsum(smap.padding)[:-1]])
+        ax.barh(
+            np.full(smap.cp_world_size, shown),
+            smap.padding,
+            left=pad_left,
+            height=0.8,
+            color=colors,
+            hatch="//",
+            edgecolor="white",
+            linewidth=0,
+        )
+        labels.append("balancer padding")
+    ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("position inside the document")
     ax.set_ylabel("document")
-    hidden = f" (first {shown} of {len(lens)} documents)" if shown < len(lens) else ""
+    hidden = f" (first {shown} of {len(lens)} rows)" if shown < len(lens) else ""
     ax.set_title(f"{title or smap.balancer}: which rank holds each token, W={smap.cp_world_size}{hidden}")
-    ax.legend(
-        handles=[Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)],
-        loc="lower right",
-        fontsize="small",
-    )
+    _legend_outside(ax, colors)
     return _finish(fig, path)
 
 
-def plot_rank_work(comparison: BalancerComparison, path: str | Path | None = None) -> "Figure":
-    """Per-rank causal work, one group of bars per balancer (padding work stacked, hatched)."""
+def _legend_outside(ax: Any, colors: list) -> None:
+    """Rank colours and the hatch of padding to the right of the axes, never over the bars."""
     from matplotlib.patches import Patch
 
+    handles = [Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)]
+    handles.append(Patch(facecolor="lightgray", hatch="//", label="padding"))
+    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def plot_rank_work(
+    comparison: BalancerComparison, path: str | Path | None = None, label: str | None = None
+) -> "Figure":
+    """Per-rank causal work, one group of bars per balancer (padding work stacked, hatched).
+
+    ``label`` names the batch in the title (e.g. ``"batch 3 (rows 12, 40)"``).
+    """
     names = list(comparison.metrics)
     world = comparison.metrics[names[0]].cp_world_size
     colors = _rank_colors(world)
@@ -127,16 +145,20 @@ def plot_rank_work(comparison: BalancerComparison, path: str | Path | None = Non
     ax.set_ylabel("query-key pairs")
     top = max(float((m.work + m.padding_work).max()) for m in comparison.metrics.values())
     ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)  # room for the labels
-    ax.set_title("causal attention work per rank (label: max/mean)")
-    handles = [Patch(color=c, label=f"rank {r}") for r, c in enumerate(colors)]
-    handles.append(Patch(facecolor="lightgray", hatch="//", label="padding"))
-    ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"{label + ': ' if label else ''}causal attention work per rank (label: max/mean)")
+    _legend_outside(ax, colors)
     return _finish(fig, path)
 
 
-def plot_doc_lengths(doc_lens: Any, path: str | Path | None = None, bins: int = 40) -> "Figure":
-    """Histogram of document lengths (log-spaced bins)."""
+def plot_doc_lengths(
+    doc_lens: Any, path: str | Path | None = None, bins: int = 40, label: str | None = None
+) -> "Figure":
+    """Histogram of document lengths (log-spaced bins); empty documents are counted in the title.
+
+    ``label`` says what the lengths are (e.g. ``"corpus before packing"``) at the start of the title.
+    """
     lens = np.asarray(doc_lens, dtype=np.int64)
+    empty = int((lens <= 0).sum())
     lens = lens[lens > 0]
     fig = _figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
@@ -146,5 +168,8 @@ def plot_doc_lengths(doc_lens: Any, path: str | Path | None = None, bins: int = 
         ax.set_xscale("log")
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("documents")
-    ax.set_title(f"{lens.size} documents, median {int(np.median(lens)) if lens.size else 0} tokens")
+    median = int(np.median(lens)) if lens.size else 0
+    skipped = f", {empty} empty not shown" if empty else ""
+    what = f"{label}: " if label else ""
+    ax.set_title(f"{what}{plural(lens.size, 'document')}, median {median} tokens{skipped}")
     return _finish(fig, path)

@@ -27,6 +27,8 @@ class ShardMap:
     """int64 [N]: where in that rank's shard the position lands."""
     padding: np.ndarray
     """int64 [W]: balancer padding slots per rank (they have no global position)."""
+    real_documents: np.ndarray | None = None
+    """bool [n_docs]: False for documents made only of the instances' padding (None: all real)."""
 
     def doc_rank_tokens(self) -> np.ndarray:
         """int64 [n_docs, W]: tokens of each document on each rank."""
@@ -55,9 +57,11 @@ def shard_map(
     *,
     length_multiple: int | None = None,
 ) -> ShardMap:
-    """The :class:`ShardMap` of ``balancer`` on a batch (``cu_doc_lens`` or a :class:`BatchRow`)."""
+    """The :class:`ShardMap` of ``balancer`` on a batch (``cu_doc_lens``, a :class:`BatchRow` or a
+    list of packed instances; the last two mark the instances' padding documents)."""
     kind = RingAttentionLoadBalancerType.parse(balancer)
-    cu = as_row(batch).cu_doc_lens
+    row = as_row(batch)
+    cu = row.cu_doc_lens
     n = int(cu[-1])
     rank = np.full(n, -1, dtype=np.int64)
     local = np.full(n, -1, dtype=np.int64)
@@ -68,4 +72,4 @@ def shard_map(
         rank[index[slots]] = r
         local[index[slots]] = slots
         padding[r] = plan.num_padding
-    return ShardMap(kind.value, cp_world_size, cu, rank, local, padding)
+    return ShardMap(kind.value, cp_world_size, cu, rank, local, padding, row.real_documents)

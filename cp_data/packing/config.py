@@ -22,9 +22,12 @@ LONG_DOCS = ("split", "truncate")
 class PackingConfig:
     """How documents become rows of ``seq_len`` tokens.
 
-    - ``algorithm``: ``"bfd"`` (best-fit-decreasing: few rows, documents whole when they fit) or
-      ``"concat"`` (documents end to end, cut every ``seq_len``; a cut piece is its own document
-      in the next row).
+    - ``algorithm``: ``"bfd"`` (best-fit-decreasing: few rows, documents whole when they fit; a
+      document longer than ``seq_len`` is cut from its start into ``seq_len``-token pieces that
+      each fill a row, and its remainder is packed like any document) or ``"concat"`` (documents
+      end to end, cut every ``seq_len``; a cut piece is its own document in the next row). The
+      plan's ``docs_split`` counts documents cut into pieces: with bfd only those longer than
+      ``seq_len``, with concat every document that crosses a row boundary.
     - ``long_docs``: documents longer than ``seq_len`` are cut into pieces (``"split"``) or keep
       only their first ``seq_len`` tokens (``"truncate"``).
     - ``cp_multiple``: CP-aware budget, e.g. ``2 * W`` for zig_zag. Every emitted document

@@ -79,7 +79,7 @@ def assemble_row(
     tokens_of: Callable[[int, int, int], np.ndarray],
     pad_token_id: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Build packed row ``row`` (SPEC §3 instance as numpy arrays) in O(row length).
+    """Build packed row ``row`` (numpy ``input_ids``, ``doc_lens``, ``label_mask``) in O(row length).
 
     ``tokens_of(doc, start, length)`` returns that slice of a document's token ids.
     """
