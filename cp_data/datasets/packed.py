@@ -48,7 +48,8 @@ class PackedDataset(torch.utils.data.Dataset):
         """Row ``i`` as numpy arrays."""
         if i < 0:
             i += len(self)
-        return assemble_row(self.plan, i, self.store.tokens, self.config.pad_token_id)
+        gather = getattr(self.store, "gather", None)  # token files fetch a row in one call
+        return assemble_row(self.plan, i, self.store.tokens, self.config.pad_token_id, gather=gather)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return to_instance(self.row(int(i)))

@@ -164,7 +164,7 @@ def open_token_files(
                 if delimiters == (None, None):
                     raise ValueError(
                         f"{path} has no index or .csv.gz sidecar: pass eos_token_id or bos_token_id "
-                        "to find its documents"
+                        "(--eos-id) to find its documents"
                     )
                 check_id_fits(delimiters[0], "eos_token_id", file.dtype, path, vocab_size)
                 check_id_fits(delimiters[1], "bos_token_id", file.dtype, path, vocab_size)

@@ -99,7 +99,10 @@ def open_raw(
     else:
         if dtype is None:
             if fmt != "nanogpt":
-                raise ValueError(f"{path} is a headerless token file: pass its dtype (one of {', '.join(TOKEN_DTYPES)})")
+                raise ValueError(
+                    f"{path} is a headerless token file: pass its dtype (dtype= or --dtype; "
+                    f"one of {', '.join(TOKEN_DTYPES)})"
+                )
             dtype = "uint16"
         if str(np.dtype(dtype)) not in TOKEN_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
