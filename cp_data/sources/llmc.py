@@ -42,7 +42,7 @@ def llmc_model(magic: int):
     return next((m for m in LLMC_MODELS if m.magic == magic), None)
 
 
-def open_llmc(path: str, dtype=None) -> tuple[TokenFile, LlmcModel]:
+def open_llmc(path: str) -> tuple[TokenFile, LlmcModel]:
     """An llm.c shard, its header checked against the file size, and its header kind."""
     st = os.stat(path)
     if st.st_size < HEADER_BYTES:
@@ -56,8 +56,6 @@ def open_llmc(path: str, dtype=None) -> tuple[TokenFile, LlmcModel]:
     if version != model.version:
         raise ValueError(f"{path} has llm.c {model.name} version {version}; expected {model.version}")
     file_dtype = np.dtype(model.dtype)
-    if dtype is not None and np.dtype(dtype) != file_dtype:
-        raise ValueError(f"{path} holds {file_dtype} tokens ({model.name} header), but dtype={dtype} was given")
     expected = HEADER_BYTES + count * file_dtype.itemsize
     if count < 0 or st.st_size != expected:
         raise ValueError(

@@ -98,7 +98,7 @@ def _check(idx: str, bin_path: str, bin_size: int, itemsize: int, lengths, point
     return seq_offsets[doc_idx]
 
 
-def open_megatron(path: str, dtype=None) -> tuple[TokenFile, np.ndarray]:
+def open_megatron(path: str) -> tuple[TokenFile, np.ndarray]:
     """The ``.bin`` of a Megatron dataset (``path``: its prefix, ``.idx`` or ``.bin``) and its
     document offsets, from the index alone."""
     prefix = megatron_prefix(path)
@@ -107,8 +107,6 @@ def open_megatron(path: str, dtype=None) -> tuple[TokenFile, np.ndarray]:
         if not os.path.exists(p):
             raise FileNotFoundError(f"no such file: {p} (a Megatron dataset needs both .idx and .bin)")
     file_dtype, lengths, pointers, doc_idx = _read_index(idx)
-    if dtype is not None and np.dtype(dtype) != file_dtype:
-        raise ValueError(f"{idx} says the tokens are {file_dtype}, but dtype={dtype} was given")
     st = os.stat(bin_path)
     offsets = _check(idx, bin_path, st.st_size, file_dtype.itemsize, lengths, pointers, doc_idx)
     file = TokenFile(

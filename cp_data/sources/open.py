@@ -14,7 +14,7 @@ from cp_data.balancers.validation import is_int
 from .base import DocumentSource, check_id_fits, check_vocab_size, map_tokens
 from .llmc import llmc_model, open_llmc
 from .megatron import megatron_prefix, open_megatron
-from .raw import open_raw
+from .raw import TOKEN_DTYPES, open_raw
 from .scan import delimited_offsets
 
 __all__ = ["FORMATS", "TOKEN_SUFFIXES", "is_token_path", "open_token_files", "resolve_token_paths", "sniff_format"]
@@ -96,9 +96,9 @@ def _dtype(dtype) -> Optional[np.dtype]:
     try:
         result = np.dtype(dtype)
     except TypeError:
-        raise ValueError(f"dtype {dtype!r} is not a numpy dtype (e.g. uint16, uint32)") from None
-    if result.kind not in "ui":
-        raise ValueError(f"dtype must be an integer dtype, got {dtype!r}")
+        result = None
+    if result is None or result.name not in TOKEN_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
     return result
 
 
@@ -134,8 +134,9 @@ def open_token_files(
     a final document) and/or ``bos_token_id`` (a document starts with its BOS). llm.c files
     default to their header's BOS (50256 for GPT-2, 128000 for llama-3) when neither is given.
     Scans are vectorised and cached (``cache``: True for the cp-data cache dir, a directory, or
-    False), so each file is scanned once. ``dtype`` is required for headerless numpy files
-    (nanoGPT: uint16); where the file says its dtype, a different one is an error.
+    False), so each file is scanned once. ``dtype`` is that of the headerless files (required for
+    numpy ones; nanoGPT defaults to uint16); files with a header (Megatron, llm.c, ``np.save``)
+    use the dtype it states, so one call can mix formats.
     ``vocab_size`` makes every token read check its id against it.
     """
     if format is not None and format not in FORMATS:
@@ -149,17 +150,17 @@ def open_token_files(
     for path in tqdm(paths, desc="open token files", leave=False, disable=len(paths) < 16):
         fmt = format or sniff_format(path)
         if fmt == "megatron":
-            file, doc_offsets = open_megatron(path, dtype)
+            file, doc_offsets = open_megatron(path)
         else:
             delimiters = (eos, bos)
             if fmt == "llmc":
-                file, model = open_llmc(path, dtype)
+                file, model = open_llmc(path)
                 tokens = map_tokens(file.path, file.dtype, file.header_bytes, file.num_tokens)
                 doc_offsets = None
                 if delimiters == (None, None):
                     delimiters = (None, model.bos_token_id)
             else:
-                file, tokens, doc_offsets = open_raw(path, fmt, None if dtype is None else str(dtype))
+                file, tokens, doc_offsets = open_raw(path, fmt, dtype)
             if doc_offsets is None:
                 if delimiters == (None, None):
                     raise ValueError(

@@ -81,21 +81,16 @@ def read_sidecar(path: Path, file: str, num_tokens: int) -> np.ndarray:
     return np.concatenate(([0], ends, tail)).astype(np.int64)
 
 
-def open_raw(
-    path: str,
-    fmt: str,
-    dtype: Optional[str],
-    *,
-    sidecar: bool = True,
-) -> tuple[TokenFile, np.ndarray, Optional[np.ndarray]]:
+def open_raw(path: str, fmt: str, dtype: Optional[np.dtype]) -> tuple[TokenFile, np.ndarray, Optional[np.ndarray]]:
     """A headerless (or ``np.save``) token file: its description, its tokens and, from a sidecar,
-    its document offsets (None when the documents must be found by a delimiter scan)."""
+    its document offsets (None when the documents must be found by a delimiter scan).
+
+    ``dtype``: one of :data:`TOKEN_DTYPES` or None (then nanoGPT files are uint16).
+    """
     st = os.stat(path)
     header = _npy_header(path)
-    if header is not None:
+    if header is not None:  # its own dtype wins over the one given for headerless files
         file_dtype, header_bytes = header
-        if dtype is not None and np.dtype(dtype) != file_dtype:
-            raise ValueError(f"{path} holds {file_dtype} ids (numpy header), but dtype={dtype} was given")
     else:
         if dtype is None:
             if fmt != "nanogpt":
@@ -103,10 +98,8 @@ def open_raw(
                     f"{path} is a headerless token file: pass its dtype (dtype= or --dtype; "
                     f"one of {', '.join(TOKEN_DTYPES)})"
                 )
-            dtype = "uint16"
-        if str(np.dtype(dtype)) not in TOKEN_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(TOKEN_DTYPES)}, got {dtype!r}")
-        file_dtype, header_bytes = np.dtype(dtype), 0
+            dtype = np.dtype(np.uint16)
+        file_dtype, header_bytes = dtype, 0
     payload = st.st_size - header_bytes
     if payload % file_dtype.itemsize:
         raise ValueError(
@@ -115,5 +108,5 @@ def open_raw(
     file = TokenFile(path, fmt, file_dtype, header_bytes, payload // file_dtype.itemsize, st.st_size, st.st_mtime_ns)
     tokens = map_tokens(path, file_dtype, header_bytes, file.num_tokens)
     side = sidecar_path(path)
-    offsets = read_sidecar(side, path, file.num_tokens) if sidecar and side.exists() else None
+    offsets = read_sidecar(side, path, file.num_tokens) if side.exists() else None
     return file, tokens, offsets
