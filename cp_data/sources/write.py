@@ -17,7 +17,7 @@ from .llmc import HEADER_BYTES, LLMC_MODELS
 from .megatron import DTYPE_CODES, HEADER, MAGIC
 from .raw import sidecar_path
 
-__all__ = ["write_llmc", "write_megatron", "write_numpy"]
+__all__ = ["write_llmc", "write_megatron", "write_megatron_index", "write_numpy"]
 
 Documents = Iterable[Sequence[int]]
 
@@ -79,24 +79,48 @@ def write_megatron(
     ``0, 1, ..., len(sequences)``); ``sequence_modes`` (int8 per sequence) makes a multimodal index.
     """
     dtype = np.dtype(dtype)
-    codes = {v: k for k, v in DTYPE_CODES.items()}
-    if dtype.name not in codes:
-        raise ValueError(f"Megatron has no dtype code for {dtype}; known: {sorted(codes)}")
-    idx, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    megatron_code(dtype)  # fail before writing anything
+    bin_path = Path(f"{prefix}.bin")
     with open(bin_path, "wb") as f:
-        lengths = np.asarray(_write_docs(f, sequences, dtype), dtype=np.int64)
+        lengths = _write_docs(f, sequences, dtype)
+    idx = write_megatron_index(f"{prefix}.idx", lengths, dtype, document_indices=document_indices,
+                               sequence_modes=sequence_modes)
+    return idx, bin_path
+
+
+def megatron_code(dtype: np.dtype) -> int:
+    """Megatron's code for a token dtype."""
+    codes = {v: k for k, v in DTYPE_CODES.items()}
+    if np.dtype(dtype).name not in codes:
+        raise ValueError(f"Megatron has no dtype code for {dtype}; known: {sorted(codes)}")
+    return codes[np.dtype(dtype).name]
+
+
+def write_megatron_index(
+    path: Union[str, Path],
+    sequence_lengths,
+    dtype,
+    *,
+    document_indices: Optional[Sequence[int]] = None,
+    sequence_modes: Optional[Sequence[int]] = None,
+) -> Path:
+    """The ``.idx`` of a ``.bin`` holding sequences of these lengths back to back (see
+    :func:`write_megatron`)."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(sequence_lengths, dtype=np.int64)
     if lengths.size and lengths.max() > np.iinfo(np.int32).max:
         raise ValueError(f"a Megatron sequence holds at most 2**31 - 1 tokens, got {lengths.max()}")
     pointers = (np.cumsum(lengths) - lengths) * dtype.itemsize
     doc_idx = np.arange(lengths.size + 1) if document_indices is None else np.asarray(document_indices)
-    with open(idx, "wb") as f:
-        f.write(HEADER.pack(MAGIC, 1, codes[dtype.name], lengths.size, doc_idx.size))
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, 1, megatron_code(dtype), lengths.size, doc_idx.size))
         f.write(lengths.astype("<i4").tobytes())
         f.write(pointers.astype("<i8").tobytes())
         f.write(doc_idx.astype("<i8").tobytes())
         if sequence_modes is not None:
             f.write(np.asarray(sequence_modes, dtype=np.int8).tobytes())
-    return idx, bin_path
+    return path
 
 
 def write_llmc(path: Union[str, Path], documents: Documents, model: str = "gpt-2") -> Path:
