@@ -129,3 +129,24 @@ def test_cli_inspect_and_demo_on_token_files(tmp_path, capsys):
     assert demo["packing"] == out["packing"] and demo["num_batches"] == 2
     assert cli_main(["inspect", str(tmp_path / "c.npy"), "--eos-id", "0", *args]) == 1
     assert "c.npy is a headerless token file: pass its dtype" in capsys.readouterr().err
+
+
+def test_pipeline_conversion_gives_back_the_corpus_in_every_format(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import train_from_token_files as pipeline
+
+    docs = [np.asarray(d, dtype=np.int64) for d in corpus(tmp_path)[0][:40]]
+    docs = [d % 250 + 1 for d in docs]  # byte-tokenizer ids; EOS 0 only at the ends
+    for d in docs:
+        d[-1] = 0
+    formats = pipeline.write_formats(docs, tmp_path)
+    assert sorted(formats) == ["llmc", "megatron", "nanogpt", "numpy + sidecar", "numpy, EOS scan"]
+    config = PackingConfig(32)
+    packed, lines = pipeline.check_formats(hf([d.tolist() for d in docs]), docs, formats, config)
+    assert all(line.count(": True") == 2 and "MISMATCH" not in line for line in lines)
+    assert all(len(p) == len(PackedDataset(hf([d.tolist() for d in docs]), config)) for p in packed.values())
+    altered = hf([d.tolist() for d in docs[:-1]] + [docs[-1][:-2].tolist() + [0]])
+    _, lines = pipeline.check_formats(altered, docs, formats, config)
+    assert all(": True" in line and line.endswith("MISMATCH") for line in lines)
