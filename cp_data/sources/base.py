@@ -92,8 +92,12 @@ class DocumentSource:
         bases = np.cumsum([0] + [f.num_tokens for f in self.files], dtype=np.int64)
         counts = [len(o) - 1 for o in offsets]
         # global token positions: file k's tokens occupy [bases[k], bases[k + 1])
-        self.offsets = np.concatenate([o[:-1] + b for o, b in zip(offsets, bases.tolist())] + [bases[-1:]])
-        self._first_doc = np.cumsum([0] + counts).tolist()
+        if len(offsets) == 1:
+            self.offsets = np.asarray(offsets[0], dtype=np.int64)
+        else:
+            self.offsets = np.concatenate([o[:-1] + b for o, b in zip(offsets, bases.tolist())] + [bases[-1:]])
+        self._first_doc_array = np.cumsum([0] + counts)
+        self._first_doc = self._first_doc_array.tolist()  # bisect on a list: fastest for one id
         self._bases = bases.tolist()
         self._open()
 
@@ -188,7 +192,7 @@ class DocumentSource:
             out = self._arrays[0].take(positions)
             self._check_ids(out, 0, f"documents {docs.tolist()}")
             return out
-        files = np.searchsorted(self._first_doc, docs, side="right") - 1
+        files = np.searchsorted(self._first_doc_array, docs, side="right") - 1
         out = np.empty(positions.size, dtype=np.int64)
         token_file = np.repeat(files, lengths)
         for k in np.unique(files).tolist():
