@@ -45,6 +45,7 @@ _LAZY = {
         ],
         "cp_data.datasets",
     ),
+    "open_token_files": "cp_data.sources",
     **dict.fromkeys(
         [
             "ContextParallelLoaderConfig",

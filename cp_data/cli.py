@@ -27,10 +27,11 @@ QUICK_BENCH_KWARGS = {
     "collate": dict(batch_size=2, seq_len=2048, docs_per_row=20, cp_world_size=4, repeats=3),
     "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
     "ordering": dict(num_rows=20),
+    "tokenfiles": dict(num_tokens=20_000_000, num_docs=200_000, rows=500, progress=False),
 }
 """Small sizes for ``cp-data bench --quick`` (only the keywords a module's ``run`` accepts are used)."""
 
-BENCH_ORDER = ("balancers", "packing", "collate", "ordering")
+BENCH_ORDER = ("balancers", "packing", "collate", "ordering", "tokenfiles")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,6 +108,13 @@ def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: 
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _token_file_flags(p: argparse.ArgumentParser) -> None:
+    from cp_data.sources.raw import TOKEN_DTYPES
+
+    p.add_argument("--dtype", choices=TOKEN_DTYPES, help="token dtype of headerless token files (.npy, .bin)")
+    p.add_argument("--eos-id", type=int, metavar="ID", help="EOS id delimiting documents in token files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cp-data``."""
     parser = _Parser(prog="cp-data", description="See how packed documents land on context-parallel ranks.")
@@ -118,13 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="pydoc",
         help="embedded corpus: Python's help topics, its stdlib .py files, or both",
     )
+    demo.add_argument("--source", metavar="PATH", help="token files (numpy/Megatron/nanoGPT/llm.c) instead of a corpus")
+    _token_file_flags(demo)
     _shared(demo, seq_len=4096, batches=8, batch_size=2)
     insp = sub.add_parser("inspect", help="metrics for your own files or saved HF dataset")
     insp.add_argument(
-        "paths", nargs="+", help=".txt/.jsonl/.json/.parquet files, directories, or a saved dataset dir"
+        "paths",
+        nargs="+",
+        help=".txt/.jsonl/.json/.parquet files, directories, a saved dataset dir, or token files "
+        "(.npy/.bin/.idx: numpy, Megatron, nanoGPT, llm.c)",
     )
     insp.add_argument("--text-column", default="text", help="column holding the text (default 'text')")
     insp.add_argument("--doc-per-file", action="store_true", help="one document per text file, not per line")
+    _token_file_flags(insp)
     _shared(insp, seq_len=8192, batches=4, batch_size=1)
     bench = sub.add_parser("bench", help="run the benchmarks and print their ratios")
     bench.add_argument(
@@ -232,8 +246,21 @@ def _hide_progress() -> None:
     datasets.disable_progress_bars()
 
 
+def _report_token_files(args: argparse.Namespace, paths: list[str]) -> None:
+    """Pack token files as they are (no tokenizer: previews show ids) and report."""
+    from cp_data.datasets import PackedDataset, open_token_files
+    from cp_data.inspect.sources import describe_packing
+
+    source = open_token_files(paths, dtype=args.dtype, eos_token_id=args.eos_id)
+    packed = PackedDataset(source, _packing_config(args))
+    _report(args, packed, None, f"{' '.join(paths)}: {describe_packing(packed)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
+
+    if args.source:
+        return _report_token_files(args, [args.source])
 
     from cp_data.datasets import PackedDataset, get_tokenizer, load_default_corpus
     from cp_data.inspect.sources import describe_packing
@@ -267,7 +294,10 @@ def _quiet_datasets_log():
 
 def _inspect(args: argparse.Namespace) -> None:
     from cp_data.inspect.sources import describe_packing, load_documents, pack_documents
+    from cp_data.sources import is_token_path
 
+    if all(map(is_token_path, args.paths)):
+        return _report_token_files(args, args.paths)
     name = " ".join(args.paths)
     with _quiet_datasets_log():  # datasets logs a read failure that our one error line repeats
         dataset = load_documents(args.paths, doc_per_file=args.doc_per_file)

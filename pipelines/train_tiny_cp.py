@@ -173,9 +173,12 @@ def full_attention(q, k, v, batch):
     return varlen_attention(q, k, v, batch["cu_doc_lens_q"])[0]
 
 
-def run_rank(rank: int, world: int, cfg: TinyConfig) -> dict | None:
-    """Everything one rank does; rank 0 returns the results of all runs."""
-    dataset = synthetic_dataset(cfg)
+def run_rank(rank: int, world: int, cfg: TinyConfig, dataset=None) -> dict | None:
+    """Everything one rank does; rank 0 returns the results of all runs.
+
+    ``dataset``: packed instances to train on (default: :func:`synthetic_dataset`).
+    """
+    dataset = synthetic_dataset(cfg) if dataset is None else dataset
     runs = {}
     if rank == 0:  # CP=1: a llama3 collator with one rank yields the whole row, unpadded
         runs["CP=1"] = train(cfg, batches(cfg, dataset, "llama3", 0, 1), full_attention, cp=False)
@@ -224,10 +227,10 @@ def report(results: dict, cfg: TinyConfig, world: int) -> tuple[str, bool]:
     return "\n".join(lines), exact and naive
 
 
-def run(world_size: int = 4, **overrides: Any) -> dict:
+def run(world_size: int = 4, dataset=None, **overrides: Any) -> dict:
     """Spawn ``world_size`` gloo processes and return rank 0's results (for tests)."""
     cfg = TinyConfig(**overrides)
-    return run_gloo(run_rank, world_size, cfg, timeout=300)[0]
+    return run_gloo(run_rank, world_size, cfg, dataset, timeout=300)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

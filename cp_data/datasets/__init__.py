@@ -1,5 +1,7 @@
 """Hugging Face datasets layer: packed map-style and streaming datasets, tokenisation, corpus."""
 
+from cp_data.sources import open_token_files
+
 from .corpus import (
     default_cache_dir,
     get_tokenizer,
@@ -22,6 +24,7 @@ __all__ = [
     "get_tokenizer",
     "load_default_corpus",
     "load_text_files",
+    "open_token_files",
     "packed_dataset_from_files",
     "tokenize_dataset",
     "train_bpe",

@@ -21,6 +21,7 @@ import pyarrow as pa
 import tokenizers
 from datasets.exceptions import DatasetGenerationError
 
+from cp_data.cache import default_cache_dir
 from cp_data.packing import PackingConfig
 
 from .packed import PackedDataset, as_config
@@ -40,17 +41,6 @@ CORPUS_VERSION = 1
 _PY = f"py{sys.version_info.major}{sys.version_info.minor}"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
-
-
-def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
-    """``cache_dir``, else ``$CP_DATA_CACHE``, else ``$XDG_CACHE_HOME/cp_data`` (~/.cache/cp_data)."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("CP_DATA_CACHE")
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cp_data"
-    path = Path(cache_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _pydoc_docs():

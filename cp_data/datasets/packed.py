@@ -9,7 +9,7 @@ import torch
 
 from cp_data.packing import PackingConfig, assemble_row
 
-from .store import TokenStore
+from .store import as_token_store
 
 __all__ = ["PackedDataset", "as_config", "to_instance"]
 
@@ -27,7 +27,8 @@ def to_instance(row: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Packed rows of length ``seq_len`` over a HF ``Dataset`` with a token-id column.
+    """Packed rows of length ``seq_len`` over a HF ``Dataset`` with a token-id column, or over a
+    token-file source (:func:`cp_data.datasets.open_token_files`).
 
     The plan is made once from the document lengths (O(n log n)); ``dataset[i]`` then copies only
     the tokens of row ``i``. Each item is a packed instance: ``input_ids`` int64 [S],
@@ -37,7 +38,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, config: Union[PackingConfig, int], column: str = "input_ids") -> None:
         self.config = as_config(config)
-        self.store = TokenStore(dataset, column)
+        self.store = as_token_store(dataset, column)
         self.plan = self.config.build().plan(self.store.lengths)
 
     def __len__(self) -> int:
@@ -47,7 +48,8 @@ class PackedDataset(torch.utils.data.Dataset):
         """Row ``i`` as numpy arrays."""
         if i < 0:
             i += len(self)
-        return assemble_row(self.plan, i, self.store.tokens, self.config.pad_token_id)
+        gather = getattr(self.store, "gather", None)  # token files fetch a row in one call
+        return assemble_row(self.plan, i, self.store.tokens, self.config.pad_token_id, gather=gather)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return to_instance(self.row(int(i)))

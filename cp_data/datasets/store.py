@@ -7,7 +7,9 @@ import bisect
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["TokenStore", "check_column"]
+from cp_data.sources import DocumentSource
+
+__all__ = ["TokenStore", "as_token_store", "check_column"]
 
 
 def check_column(dataset, column: str) -> None:
@@ -82,3 +84,8 @@ class TokenStore:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._build()
+
+
+def as_token_store(source, column: str = "input_ids"):
+    """A token-file :class:`~cp_data.sources.DocumentSource` as it is, else ``TokenStore(source, column)``."""
+    return source if isinstance(source, DocumentSource) else TokenStore(source, column)

@@ -11,9 +11,10 @@ import torch
 
 from cp_data.packing import PackingConfig, PackingPlan, assemble_row
 from cp_data.packing.plan import fill_rates
+from cp_data.sources import DocumentSource
 
 from .packed import as_config, to_instance
-from .store import TokenStore, check_column
+from .store import TokenStore, as_token_store, check_column
 
 __all__ = ["PackedIterableDataset"]
 
@@ -83,7 +84,8 @@ class _StreamReader:
 class PackedIterableDataset(torch.utils.data.IterableDataset):
     """Packed rows from a stream of documents, for ``DataLoader`` / ``StatefulDataLoader``.
 
-    ``source`` is a HF ``Dataset`` (documents are dealt to DataLoader workers round-robin) or a HF
+    ``source`` is a HF ``Dataset`` or a token-file source from ``open_token_files`` (documents are
+    dealt to DataLoader workers round-robin) or a HF
     ``IterableDataset`` (which splits itself by shards across workers, and across nodes after
     ``datasets.distributed.split_dataset_by_node``). ``buffer_size`` documents are read, packed
     with ``config`` and emitted; up to ``carry_rows`` of the least-filled rows go back into the
@@ -111,8 +113,8 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         self.column = column
         self.buffer_size = buffer_size
         self.carry_rows = carry_rows
-        if isinstance(source, datasets.Dataset):
-            self.store: Optional[TokenStore] = TokenStore(source, column)
+        if isinstance(source, (datasets.Dataset, DocumentSource)):
+            self.store: Optional[TokenStore] = as_token_store(source, column)
             self.source = None
         elif isinstance(source, datasets.IterableDataset):
             if source.column_names is not None:
@@ -120,7 +122,8 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
             self.store, self.source = None, source
         else:
             raise ValueError(
-                f"source must be a datasets.Dataset or datasets.IterableDataset, got {type(source)}"
+                "source must be a datasets.Dataset, datasets.IterableDataset or token-file "
+                f"DocumentSource, got {type(source)}"
             )
         self._resume: Optional[dict] = None
         self._snapshot: Optional[dict] = None

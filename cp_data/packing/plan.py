@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -78,10 +78,14 @@ def assemble_row(
     row: int,
     tokens_of: Callable[[int, int, int], np.ndarray],
     pad_token_id: int = 0,
+    *,
+    gather: Optional[Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = None,
 ) -> dict[str, np.ndarray]:
     """Build packed row ``row`` (numpy ``input_ids``, ``doc_lens``, ``label_mask``) in O(row length).
 
-    ``tokens_of(doc, start, length)`` returns that slice of a document's token ids.
+    ``tokens_of(doc, start, length)`` returns that slice of a document's token ids. A source that
+    can fetch all pieces at once passes ``gather(docs, starts, lengths)`` (arrays) returning their
+    tokens concatenated; it replaces the per-piece calls (rows of many short documents).
     """
     if not 0 <= row < plan.num_rows:
         raise IndexError(f"row {row} out of range for a plan of {plan.num_rows} rows")
@@ -93,12 +97,19 @@ def assemble_row(
     doc_lens = lengths + plan.pad[a:b]
     ends = np.cumsum(doc_lens)
     begins = ends - doc_lens
-    # a row holds a handful of pieces; one slice copy each
-    for d, st, ln, pos in zip(
-        plan.doc[a:b].tolist(), plan.start[a:b].tolist(), lengths.tolist(), begins.tolist()
-    ):
-        input_ids[pos : pos + ln] = tokens_of(d, st, ln)
-        label_mask[pos : pos + ln] = True
+    if gather is not None:
+        tokens = gather(plan.doc[a:b], plan.start[a:b], lengths)
+        slots: Union[slice, np.ndarray] = slice(0, tokens.size)
+        if plan.pad[a:b].any():  # pieces padded to cp_multiple: each run starts at its own slot
+            slots = np.repeat(begins - (np.cumsum(lengths) - lengths), lengths) + np.arange(tokens.size)
+        input_ids[slots] = tokens
+        label_mask[slots] = True
+    else:  # a row holds a handful of pieces; one slice copy each
+        for d, st, ln, pos in zip(
+            plan.doc[a:b].tolist(), plan.start[a:b].tolist(), lengths.tolist(), begins.tolist()
+        ):
+            input_ids[pos : pos + ln] = tokens_of(d, st, ln)
+            label_mask[pos : pos + ln] = True
     used = int(ends[-1]) if ends.size else 0
     if used < S:
         doc_lens = np.append(doc_lens, S - used)
