@@ -199,5 +199,5 @@ def test_console_script_end_to_end(data_dir, cache_dir, tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "mean over batches" in proc.stdout and "llama3_reordered" in proc.stdout
+    assert "mean over the 2 batches" in proc.stdout and "llama3_reordered" in proc.stdout
     assert (tmp_path / "plots" / "rank_work.png").read_bytes()[:4] == b"\x89PNG"
