@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cp_data import unshard
+from cp_data import RingAttentionLoadBalancerType, unshard
 from cp_data.attention import cp_attention, varlen_attention
 from cp_data.attention.launch import run_gloo
 from cp_data.collate import ContextParallelCollator
@@ -27,6 +27,7 @@ from cp_data.collate import ContextParallelCollator
 KINDS = ("zig_zag", "llama3", "ulysses")
 CASES_PER_KIND = 10
 HEADS, HEAD_DIM = 4, 8
+KV_HEADS = (4, 2, 1)  # grouped-query attention: ulysses splits 2 kv heads over W=2, repeats them for W=4
 TOLERANCE = {"torch.float64": 1e-5, "torch.float32": 1e-4}
 CAN_REORDER = importlib.util.find_spec("cp_data.balancers.ordering") is not None
 
@@ -74,7 +75,9 @@ def run_case(
     batch = collator(instances)
     total = sum(len(inst["input_ids"]) for inst in instances)
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, grad_out = torch.randn(4, total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    kv_heads = KV_HEADS[seed % len(KV_HEADS)]
+    q, grad_out = torch.randn(2, total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(2, total, kv_heads, HEAD_DIM, generator=gen, dtype=torch.float64)
     # the reference always runs in float64 on exactly the values the CP ranks get
     q, k, v, grad_out = (x.to(dtype).double() for x in (q, k, v, grad_out))
 
@@ -85,9 +88,14 @@ def run_case(
         return x[source.clamp(min=0)].masked_fill(is_pad[:, None, None], 0.0).to(dtype)
 
     q_l, k_l, v_l = (local(x).requires_grad_() for x in (q, k, v))
-    out = cp_attention(q_l, k_l, v_l, batch, load_balancer=kind, group=group)
+    out, lse = cp_attention(
+        q_l, k_l, v_l, batch, load_balancer=kind, group=group, return_lse=True, verify=seed % 2 == 0
+    )
     (out * local(grad_out)).sum().backward()
-    mine = torch.stack([out.detach(), q_l.grad, k_l.grad, v_l.grad], dim=1).double()
+    # per token: output, dq and lse over the q heads; dk, dv over the kv heads
+    mine = torch.cat(
+        [x.double().flatten(1) for x in (out.detach(), q_l.grad, lse.T, k_l.grad, v_l.grad)], dim=1
+    )
     shards = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(shards, mine, group=group)
     if rank:
@@ -101,11 +109,14 @@ def run_case(
     doc_lens = torch.cat([inst["doc_lens"] for inst in instances])
     cu = torch.cat([torch.zeros(1, dtype=torch.long), doc_lens.cumsum(0)])
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-    ref_out, _ = varlen_attention(qf, kf, vf, cu)
+    ref_out, ref_lse = varlen_attention(qf, kf, vf, cu)
     (ref_out * grad_out).sum().backward()
-    want = torch.stack([ref_out.detach(), qf.grad, kf.grad, vf.grad], dim=1)
+    want = torch.cat(
+        [x.flatten(1) for x in (ref_out.detach(), qf.grad, ref_lse.T, kf.grad, vf.grad)], dim=1
+    )
+    widths = [HEADS * HEAD_DIM] * 2 + [HEADS] + [kv_heads * HEAD_DIM] * 2
     return dict(
-        error=(got - want).abs().amax(dim=(0, 2, 3)).tolist(),
+        error=[float(part.abs().max()) for part in (got - want).split(widths, dim=1)],
         finite=all(bool(torch.isfinite(s).all()) for s in shards),
         tokens=total,
         dtype=str(dtype),
@@ -139,16 +150,52 @@ def bad_input_messages(rank: int, world: int) -> list[str]:
     messages = []
     for kind, metadata, t in cases:
         try:
-            cp_attention(t, t, t, metadata, load_balancer=kind)
+            cp_attention(t, t, t, metadata, load_balancer=kind, group=dist.group.WORLD)
         except ValueError as err:
             messages.append(f"{kind}: {err}")
     dist.barrier()  # the group is still usable: nobody entered a collective
     return messages
 
 
+def group_misuse_messages(rank: int, pairs: list) -> dict[str, str]:
+    """DP=2 x CP=2: ranks {0, 1} and {2, 3} hold shards of two different batches of one shape."""
+    cp_rank, pair = rank % 2, pairs[rank // 2]
+    doc_lens = [[4, 8, 12], [12, 8, 4]][rank // 2]
+    instances = [dict(input_ids=torch.arange(24), doc_lens=torch.tensor(doc_lens))]
+    world = dist.group.WORLD
+    messages = {}
+
+    def attempt(name: str, kind: str, batch: dict, **kwargs) -> None:
+        x = torch.zeros(batch["input_ids"].shape[1], HEADS, HEAD_DIM, dtype=torch.float64)
+        try:
+            cp_attention(x, x, x, batch, load_balancer=kwargs.pop("balancer", kind), **kwargs)
+            messages[name] = "no error"
+        except ValueError as err:
+            messages[name] = str(err)
+
+    def collate(kind: str, for_rank: int = cp_rank) -> dict:
+        return ContextParallelCollator(load_balancer=kind, cp_rank=for_rank, cp_world_size=2)(instances)
+
+    for kind in KINDS:
+        batch = collate(kind)
+        attempt(f"{kind} world", kind, batch, group=world, verify=True)
+        balancer = RingAttentionLoadBalancerType(kind).create(cp_rank=cp_rank, cp_world_size=2)
+        attempt(f"{kind} balancer", kind, batch, group=world, balancer=balancer)
+        attempt(f"{kind} pair", kind, batch, group=pair, verify=True)
+    # llama3 metadata tells the rank: a batch sharded for the other rank of the pair fails locally
+    attempt("llama3 swapped", "llama3", collate("llama3", 1 - cp_rank), group=pair)
+    mixed = ("zig_zag", "ulysses")[cp_rank]
+    attempt("mixed schemes", mixed, collate(mixed), group=pair, verify=True)
+    dist.barrier()  # nobody is stuck in a collective
+    return messages
+
+
 def worker(rank: int, world: int, cases: int) -> dict:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    runs = [(4, None, rank, 0), (2, pairs[rank // 2], rank % 2, 10_000 * (1 + rank // 2))]
+    runs = [
+        (4, dist.group.WORLD, rank, 0),
+        (2, pairs[rank // 2], rank % 2, 10_000 * (1 + rank // 2)),
+    ]
     results = {}
     for size, group, sub_rank, seed0 in runs:
         for kind in KINDS:
@@ -157,6 +204,7 @@ def worker(rank: int, world: int, cases: int) -> dict:
             if sub_rank == 0:
                 results[(kind, size, seed0)] = found
     results["bad_input"] = bad_input_messages(rank, world)
+    results["misuse"] = group_misuse_messages(rank, pairs)
     return results
 
 
@@ -184,6 +232,22 @@ def test_bad_metadata_raises_on_every_rank_before_any_collective(dist_results):
         messages = rank_result["bad_input"]
         assert len(messages) == 4, messages
         assert "cu_doc_lens ends at 8 but must end at 6" in messages[0]
-        assert "cu_doc_lens_q ends at 5 but must end at 6" in messages[1]
+        assert "local_k_slice slice(0, 5, None) ends at 5, but rank" in messages[1]
         assert f"must end at {6 * 4}" in messages[2]
         assert "heads (3) divisible by the CP group size (4)" in messages[3]
+
+
+def test_misused_groups_raise_on_every_rank(dist_results):
+    for rank, rank_result in enumerate(dist_results):
+        messages = rank_result["misuse"]
+        for kind in KINDS:
+            assert messages[f"{kind} pair"] == "no error", (rank, kind)
+            assert "CP group check failed" in messages[f"{kind} world"], (rank, messages)
+            assert f"for rank {rank % 2} of 2 but this process is rank {rank} of 4" in (
+                messages[f"{kind} balancer"]
+            )
+        for kind in ("zig_zag", "ulysses"):
+            assert "the ranks hold shards of different batches" in messages[f"{kind} world"]
+        assert "does not fit the documents the other ranks hold" in messages["llama3 world"]
+        assert "sharded for another rank or CP group size" in messages["llama3 swapped"]
+        assert "rank 1 runs ulysses attention but rank 0 runs zig_zag" in messages["mixed schemes"]
