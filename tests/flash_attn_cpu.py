@@ -16,10 +16,11 @@ flash-attn 2.x semantics reproduced here, with an obvious per-document loop (not
 - the backward recomputes the probabilities from the ``out`` and ``softmax_lse`` it is given and
   writes ``dq, dk, dv`` in place (dk, dv summed over the query heads of each key/value head).
 
-Dtypes: bfloat16 and float16 are computed in float32 (lse float32), as flash-attn. float32 is
-refused as flash-attn refuses it (ring-flash-attn's zigzag backward also aliases its gradient
-buffers for float32 inputs and returns wrong gradients). float64 — which flash-attn does not take —
-is computed in float64, so tests can compare at tight tolerances.
+Dtypes: bfloat16 and float16 are computed in float32, as flash-attn. float32 is refused as
+flash-attn refuses it (ring-flash-attn's zigzag backward also aliases its gradient buffers for
+float32 inputs and returns wrong gradients). float64 — which flash-attn does not take — is
+computed in float64, so tests compare at tighter tolerances than bf16 allows. The log-sum-exp is
+float32 whatever the input, as flash-attn's (ring-flash-attn merges its blocks in float32).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _flash_attn_varlen_forward(
     )
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=compute, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     group = q.shape[1] // k.shape[1]
     for rows, keys, seen in _documents(cu_seqlens_q, cu_seqlens_k, causal, q.device):
         probs, lse[:, rows] = _probs(q[rows].to(compute), k[keys].to(compute), softmax_scale, seen)

@@ -8,11 +8,18 @@ collated ``input_ids`` say which token of the full row every local slot holds (-
 padding) and q, k, v and the output gradient are sharded exactly like the tokens. Outputs and the
 gradients of q, k, v are gathered, unsharded with the collator's plans, and compared with
 :func:`varlen_attention` on the full row.
+
+The same launch runs the GPU code path on CPU: :func:`cp_data.integrations.flash.flash_cp_attention`
+feeding the collator's shards and metadata to the unmodified ring-flash-attn (zigzag and llama3
+varlen functions) and the Ulysses all-to-all around flash-attn's varlen function, with
+``flash_attn_cpu`` (test-only) standing in for flash-attn's two CUDA kernels; in float64 (which
+the stand-in computes in float64) and bfloat16, llama3 with ``heads_k_stride`` 1 and all.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -24,12 +31,25 @@ from cp_data.attention import cp_attention, varlen_attention
 from cp_data.attention.launch import run_gloo
 from cp_data.collate import ContextParallelCollator
 
+import flash_attn_cpu
+
 KINDS = ("zig_zag", "llama3", "ulysses")
 CASES_PER_KIND = 10
 HEADS, HEAD_DIM = 4, 8
 KV_HEADS = (4, 2, 1)  # grouped-query attention: ulysses splits 2 kv heads over W=2, repeats them for W=4
 TOLERANCE = {"torch.float64": 1e-5, "torch.float32": 1e-4}
 CAN_REORDER = importlib.util.find_spec("cp_data.balancers.ordering") is not None
+# find_spec, not import: ring-flash-attn's package __init__ needs flash-attn (and transformers < 5)
+HAS_RING_FLASH_ATTN = importlib.util.find_spec("ring_flash_attn") is not None
+FLASH_CASES_PER_KIND = 2  # float64; one more in bfloat16
+# (output, gradients): flash-attn's log-sum-exp is float32, so are ring-flash-attn's zigzag block
+# merges and gradient sums; bf16 rounds inputs, outputs and gradients
+FLASH_TOLERANCE = {
+    ("zig_zag", "torch.float64"): (1e-6, 2e-6),
+    ("llama3", "torch.float64"): (1e-12, 1e-6),
+    ("ulysses", "torch.float64"): (1e-12, 1e-6),
+    "torch.bfloat16": (2e-2, 5e-2),
+}
 
 
 def random_instances(rng: np.random.Generator) -> list[dict]:
@@ -49,19 +69,25 @@ def random_instances(rng: np.random.Generator) -> list[dict]:
     return instances
 
 
-def random_length_multiple(rng: np.random.Generator, kind: str, world: int) -> int | None:
+def random_length_multiple(rng: np.random.Generator, kind: str, world: int, flash: bool) -> int | None:
     choices = {
         "zig_zag": [None, 1, 3, 2 * world, 5],  # odd multiples give an odd final padding document
         "llama3": [None, 2, 3],
         "ulysses": [None, world, 3 * world],
     }[kind]
+    if flash and kind == "zig_zag":  # the zigzag kernel halves local documents: even only
+        choices = [None, 2 * world, 6 * world]
     return choices[int(rng.integers(len(choices)))]
 
 
 def run_case(
-    seed: int, kind: str, world: int, rank: int, group, dtype=torch.float64
+    seed: int, kind: str, world: int, rank: int, group, dtype=torch.float64, flash: bool = False
 ) -> dict | None:
-    """One random batch through the collator and CP attention; errors on the group's rank 0."""
+    """One random batch through the collator and CP attention; errors on the group's rank 0.
+
+    ``flash``: the GPU code path (ring-flash-attn / flash-attn varlen on the stand-in kernels),
+    which returns no log-sum-exp; else the reference, checked with its log-sum-exp.
+    """
     rng = np.random.default_rng(seed)
     instances = random_instances(rng)
     collator = ContextParallelCollator(
@@ -69,7 +95,7 @@ def run_case(
         cp_rank=rank,
         cp_world_size=world,
         pad_token_id=-1,
-        length_multiple=random_length_multiple(rng, kind, world),
+        length_multiple=random_length_multiple(rng, kind, world, flash),
         reorder_documents=CAN_REORDER and kind == "llama3" and bool(rng.integers(2)),
     )
     batch = collator(instances)
@@ -88,13 +114,24 @@ def run_case(
         return x[source.clamp(min=0)].masked_fill(is_pad[:, None, None], 0.0).to(dtype)
 
     q_l, k_l, v_l = (local(x).requires_grad_() for x in (q, k, v))
-    out, lse = cp_attention(
-        q_l, k_l, v_l, batch, load_balancer=kind, group=group, return_lse=True, verify=seed % 2 == 0
-    )
+    if flash:
+        from cp_data.integrations.flash import flash_cp_attention
+
+        stride = (None, 1)[seed % 2] if kind == "llama3" else None
+        out = flash_cp_attention(
+            q_l, k_l, v_l, batch, load_balancer=kind, group=group, heads_k_stride=stride
+        )
+        extra = []  # the flash path returns no log-sum-exp
+    else:
+        out, lse = cp_attention(
+            q_l, k_l, v_l, batch, load_balancer=kind, group=group, return_lse=True,
+            verify=seed % 2 == 0,
+        )
+        extra = [lse.T]
     (out * local(grad_out)).sum().backward()
-    # per token: output, dq and lse over the q heads; dk, dv over the kv heads
+    # per token: output and dq over the q heads; dk, dv over the kv heads; lse per q head
     mine = torch.cat(
-        [x.double().flatten(1) for x in (out.detach(), q_l.grad, lse.T, k_l.grad, v_l.grad)], dim=1
+        [x.double().flatten(1) for x in [out.detach(), q_l.grad, k_l.grad, v_l.grad, *extra]], 1
     )
     shards = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(shards, mine, group=group)
@@ -112,14 +149,16 @@ def run_case(
     ref_out, ref_lse = varlen_attention(qf, kf, vf, cu)
     (ref_out * grad_out).sum().backward()
     want = torch.cat(
-        [x.flatten(1) for x in (ref_out.detach(), qf.grad, ref_lse.T, kf.grad, vf.grad)], dim=1
+        [x.flatten(1) for x in [ref_out.detach(), qf.grad, kf.grad, vf.grad, ref_lse.T][: 4 + len(extra)]],
+        dim=1,
     )
-    widths = [HEADS * HEAD_DIM] * 2 + [HEADS] + [kv_heads * HEAD_DIM] * 2
+    widths = [HEADS * HEAD_DIM] * 2 + [kv_heads * HEAD_DIM] * 2 + [HEADS] * len(extra)
     return dict(
         error=[float(part.abs().max()) for part in (got - want).split(widths, dim=1)],
         finite=all(bool(torch.isfinite(s).all()) for s in shards),
         tokens=total,
         dtype=str(dtype),
+        kv_heads=kv_heads,
         padding=int(sum((s.shape[0] for s in shards))) - total,
     )
 
@@ -190,6 +229,29 @@ def group_misuse_messages(rank: int, pairs: list) -> dict[str, str]:
     return messages
 
 
+def flash_refusals(group) -> list[str]:
+    """Inputs the GPU path refuses before any collective, on every rank."""
+    from cp_data.integrations.flash import flash_cp_attention
+
+    x = torch.zeros(6, HEADS, HEAD_DIM, dtype=torch.float64)
+    zig_zag = dict(cu_doc_lens=torch.tensor([0, 3, 6]), max_doc_len=3)
+    attempts = [
+        (x.float(), dict(cu_doc_lens=torch.tensor([0, 6]), max_doc_len=6), "zig_zag", None),
+        (x, zig_zag, "zig_zag", None),  # odd local document: the kernel halves cu_doc_lens
+        (x, dict(cu_doc_lens=torch.tensor([0, 6]), max_doc_len=6), "zig_zag", 2),
+    ]
+    messages = []
+    for tensor, metadata, kind, stride in attempts:
+        try:
+            flash_cp_attention(
+                tensor, tensor, tensor, metadata, load_balancer=kind, group=group,
+                heads_k_stride=stride,
+            )
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
 def worker(rank: int, world: int, cases: int) -> dict:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     runs = [
@@ -205,6 +267,20 @@ def worker(rank: int, world: int, cases: int) -> dict:
                 results[(kind, size, seed0)] = found
     results["bad_input"] = bad_input_messages(rank, world)
     results["misuse"] = group_misuse_messages(rank, pairs)
+    if HAS_RING_FLASH_ATTN:
+        warnings.filterwarnings("ignore", category=FutureWarning)  # gloo *_tensor collectives renamed
+        flash_attn_cpu.install()
+        for size, group, sub_rank, seed0 in runs:
+            for kind in KINDS:
+                found = [
+                    run_case(seed0 + i, kind, size, sub_rank, group, torch.float64, flash=True)
+                    for i in range(FLASH_CASES_PER_KIND)
+                ]
+                last = seed0 + FLASH_CASES_PER_KIND
+                found.append(run_case(last, kind, size, sub_rank, group, torch.bfloat16, flash=True))
+                if sub_rank == 0:
+                    results[("flash", kind, size, seed0)] = found
+        results["flash_refusals"] = flash_refusals(dist.group.WORLD)
     return results
 
 
@@ -251,3 +327,37 @@ def test_misused_groups_raise_on_every_rank(dist_results):
         assert "does not fit the documents the other ranks hold" in messages["llama3 world"]
         assert "sharded for another rank or CP group size" in messages["llama3 swapped"]
         assert "rank 1 runs ulysses attention but rank 0 runs zig_zag" in messages["mixed schemes"]
+
+
+needs_ring_flash_attn = pytest.mark.skipif(
+    not HAS_RING_FLASH_ATTN, reason="needs ring-flash-attn (dev extra)"
+)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", KINDS)
+@needs_ring_flash_attn
+def test_ring_flash_attn_with_cp_data_batches_equals_full_attention(dist_results, kind, world):
+    cases = [
+        case
+        for result in dist_results
+        for key, found in result.items()
+        if key[:3] == ("flash", kind, world)
+        for case in found
+    ]
+    assert len(cases) == (FLASH_CASES_PER_KIND + 1) * (4 // world)
+    assert {case["kv_heads"] for case in cases} == set(KV_HEADS)
+    assert any(case["padding"] > 0 for case in cases)
+    for case in cases:
+        tol = FLASH_TOLERANCE.get((kind, case["dtype"])) or FLASH_TOLERANCE[case["dtype"]]
+        out_err, *grad_err = case["error"]
+        assert out_err <= tol[0] and max(grad_err) <= tol[1], (kind, world, case)
+
+
+@needs_ring_flash_attn
+def test_flash_path_refuses_float32_odd_zigzag_documents_and_stray_strides(dist_results):
+    for result in dist_results:
+        float32, odd, stride = result["flash_refusals"]
+        assert "got float32 (ring-flash-attn's zigzag backward also returns wrong gradients" in float32
+        assert "local document 0 has odd length 3" in odd
+        assert "heads_k_stride is a llama3 setting; zig_zag takes none" in stride
