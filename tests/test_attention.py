@@ -87,7 +87,7 @@ def test_bottom_right_alignment_when_documents_have_more_keys(docs, seed):
     torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
 
 
-@settings(max_examples=30)  # each example runs many small torch ops
+@settings(max_examples=20)  # each example runs many small torch ops
 @given(doc_lengths, st.sampled_from([(4, 1), (4, 2), (6, 3), (6, 2)]), st.integers(0, 999))
 def test_grouped_query_attention_equals_attention_with_repeated_kv_heads(lengths, heads, seed):
     """Query head h uses key/value head h // (H / H_kv), as flash-attn and transformers' repeat_kv."""
