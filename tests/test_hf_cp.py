@@ -135,7 +135,6 @@ def worker(rank: int, world: int) -> dict:
     if HAS_RING_FLASH_ATTN:
         flash_attn_cpu.install()
     training = train_hf_cp.run_rank(rank, world, train_hf_cp.HFConfig(steps=2, seq_len=64))
-    # measured: loss 9e-16, weights 1.2e-14 after 2 AdamW steps
     return dict(proof=proof(rank), training=training)
 
 
@@ -159,4 +158,5 @@ def test_training_a_few_steps_under_cp_equals_cp1(hf_results):
     training = hf_results["training"]
     for kind in KINDS:
         assert len(training[kind]["losses"]) == 2
-        assert training[kind]["loss_diff"] <= 1e-12 and training[kind]["weight_diff"] <= 1e-12
+        # measured after 2 AdamW steps: losses 9e-16, weights 1.2e-14
+        assert training[kind]["loss_diff"] <= 1e-13 and training[kind]["weight_diff"] <= 1e-12
