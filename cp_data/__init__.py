@@ -1,9 +1,10 @@
 """cp-data: context-parallel training data, ready in the DataLoader.
 
 The package follows the data flow: ``balancers`` -> ``packing`` -> ``datasets`` -> ``collate``
--> ``loader``, with ``attention`` (CPU reference CP attention) and ``inspect`` (metrics, plots)
-on top. Names from modules that need the optional ``hf`` extra (datasets, torchdata) or
-``torch.distributed`` are imported on first use, so ``import cp_data`` stays light.
+-> ``loader``, with ``attention`` (CPU reference CP attention), ``integrations`` (transformers,
+ring-flash-attn) and ``inspect`` (metrics, plots) on top. Names from modules that need the
+optional ``hf`` extra (datasets, torchdata) or ``torch.distributed`` are imported on first use, so
+``import cp_data`` stays light.
 """
 
 from importlib import import_module
@@ -65,6 +66,10 @@ _LAZY = {
             "zig_zag_ring_attention",
         ],
         "cp_data.attention",
+    ),
+    **dict.fromkeys(
+        ["cp_loss", "flash_cp_attention", "model_inputs", "register_cp_attention", "sum_gradients"],
+        "cp_data.integrations",
     ),
     **dict.fromkeys(
         ["BalancerComparison", "ShardMap", "ShardMetrics", "compare_balancers", "shard_map", "shard_metrics"],

@@ -186,7 +186,7 @@ def run_rank(rank: int, world: int, cfg: TinyConfig, dataset=None) -> dict | Non
         steps = batches(cfg, dataset, kind, rank, world)
 
         def attend(q, k, v, batch, kind=kind):
-            return cp_attention(q, k, v, batch, load_balancer=kind)
+            return cp_attention(q, k, v, batch, load_balancer=kind, group=dist.group.WORLD)
 
         runs[kind] = train(cfg, steps, attend, cp=True)
         runs[f"{kind} naive"] = train(cfg, steps, attend, cp=True, naive=True)

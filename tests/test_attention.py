@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -87,6 +88,40 @@ def test_bottom_right_alignment_when_documents_have_more_keys(docs, seed):
     torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
 
 
+@few_examples  # each example runs many small torch ops
+@given(doc_lengths, st.sampled_from([(4, 1), (4, 2), (6, 3), (6, 2)]), st.integers(0, 999))
+def test_grouped_query_attention_equals_attention_with_repeated_kv_heads(lengths, heads, seed):
+    """Query head h uses key/value head h // (H / H_kv), as flash-attn and transformers' repeat_kv."""
+    heads_q, heads_kv = heads
+    cu = cumulative(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(int(cu[-1]), heads_q, D, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(2, int(cu[-1]), heads_kv, D, generator=gen, dtype=torch.float64)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = varlen_attention(q, k, v, cu)
+    owner = torch.arange(heads_q) // (heads_q // heads_kv)
+    want_out, want_lse = per_document_attention(q, k[:, owner], v[:, owner], lengths, lengths)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
+    grad = torch.randn_like(out)
+    for g, w in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want_out, (q, k, v), grad)
+    ):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    cu = torch.tensor([0, 5, 9])
+    q, k, v = (x.to(dtype).requires_grad_() for x in qkv(9, seed=4))
+    out, lse = varlen_attention(q, k, v, cu)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    want, want_lse = varlen_attention(*(x.detach().float() for x in (q, k, v)), cu)
+    assert torch.equal(out, want.to(dtype)) and torch.equal(lse, want_lse)
+    out.sum().backward()
+    assert q.grad.dtype == dtype and bool(torch.isfinite(k.grad).all())
+
+
 def test_mask_matches_flash_attn_documented_example():
     # flash-attn's docstring: seqlen_q = 2, seqlen_k = 5, causal -> [[1 1 1 1 0], [1 1 1 1 1]]
     mask = varlen_mask(torch.tensor([0, 2]), torch.tensor([0, 5]))
@@ -107,9 +142,12 @@ def test_empty_documents_and_queries_without_keys_give_zero_not_nan():
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
-@given(st.integers(1, 12), st.integers(2, 12), st.integers(1, 4), st.integers(0, 999))
-def test_blockwise_backward_with_final_lse_equals_autograd(tq, tk, blocks, seed):
-    q, k, v = qkv(tq, tk, seed=seed, requires_grad=True)
+@given(
+    st.integers(1, 12), st.integers(2, 12), st.integers(1, 4), st.sampled_from([1, H]), st.integers(0, 999)
+)
+def test_blockwise_backward_with_final_lse_equals_autograd(tq, tk, blocks, kv_heads, seed):
+    q, k, v = qkv(tq, tk, seed=seed)
+    q, k, v = (x.requires_grad_() for x in (q, k[:, :kv_heads].clone(), v[:, :kv_heads].clone()))
     mask = torch.rand(tq, tk, generator=torch.Generator().manual_seed(seed)) < 0.6
     out, lse = masked_attention(q, k, v, mask, 0.5)
     dout = torch.randn_like(out)
@@ -207,7 +245,7 @@ def test_single_rank_cp_attention_equals_reference(single_rank_group, kind):
     (qs, ks, vs), meta = balancer.batch_shard_by_document(
         inputs=[q, k, v], seq_dims=[0] * 3, cu_doc_lens=cu, pad_values=[0.0] * 3
     )
-    out = cp_attention(qs, ks, vs, meta, load_balancer=balancer)
+    out = cp_attention(qs, ks, vs, meta, load_balancer=balancer, group=dist.group.WORLD)
     assert torch.equal(qs, q)  # one rank, even documents: the shard is the whole row
     want, _ = varlen_attention(q, k, v, cu)
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
@@ -215,6 +253,25 @@ def test_single_rank_cp_attention_equals_reference(single_rank_group, kind):
     want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["zig_zag", "llama3", "ulysses"])
+def test_single_rank_cp_attention_returns_lse_for_gqa_bfloat16(single_rank_group, kind):
+    cu = cumulative([4, 2, 6, 2])
+    q, k, v = (x.bfloat16() for x in qkv(14, seed=5))
+    k, v = k[:, :1], v[:, :1]  # one key/value head for all H query heads
+    meta = (
+        RingAttentionLoadBalancerType(kind)
+        .create(cp_rank=0, cp_world_size=1)
+        .batch_shard_by_document(inputs=[], seq_dims=[], cu_doc_lens=cu)[1]
+    )
+    out, lse = cp_attention(
+        q, k, v, meta, load_balancer=kind, group=dist.group.WORLD, return_lse=True
+    )
+    want, want_lse = varlen_attention(q, k, v, cu)
+    assert out.dtype == torch.bfloat16 and lse.shape == (H, 14)
+    torch.testing.assert_close(out.float(), want.float(), atol=8e-3, rtol=0)  # bf16 rounding
+    torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=0)
 
 
 LLAMA3_OK = dict(
@@ -267,24 +324,45 @@ LLAMA3_OK = dict(
 def test_bad_metadata_raises_value_error_on_one_rank(single_rank_group, kind, metadata, message):
     q, k, v = qkv(6)
     with pytest.raises(ValueError) as err:
-        cp_attention(q, k, v, metadata, load_balancer=kind)
+        cp_attention(q, k, v, metadata, load_balancer=kind, group=dist.group.WORLD)
     assert message in str(err.value)
 
 
 def test_bad_tensors_and_balancer_raise_value_error(single_rank_group):
     q, k, v = qkv(6)
     meta = dict(cu_doc_lens=torch.tensor([0, 6]), max_doc_len=6)
-    with pytest.raises(ValueError, match="zig_zag ring attention needs q and k of one shape"):
-        cp_attention(q, k[:4], v[:4], meta, load_balancer="zig_zag")
+    world = dist.group.WORLD
+    with pytest.raises(ValueError, match="zig_zag ring attention needs q and k with the same tokens"):
+        cp_attention(q, k[:4], v[:4], meta, load_balancer="zig_zag", group=world)
     with pytest.raises(ValueError, match=r"q must be a \[tokens, heads, head_dim\] tensor"):
-        cp_attention(q[None], k, v, meta, load_balancer="ulysses")
-    with pytest.raises(ValueError, match="float32 or float64"):
-        cp_attention(q.half(), k.half(), v.half(), meta, load_balancer="ulysses")
+        cp_attention(q[None], k, v, meta, load_balancer="ulysses", group=world)
+    with pytest.raises(ValueError, match="must be float64, float32, bfloat16 or float16, got torch.int64"):
+        cp_attention(q.long(), k.long(), v.long(), meta, load_balancer="ulysses", group=world)
+    with pytest.raises(ValueError, match="the k/v heads must divide the q heads"):
+        cp_attention(q, k[:, :2], v[:, :2], meta, load_balancer="zig_zag", group=world)
     wrong = RingAttentionLoadBalancerType.zig_zag.create(cp_rank=1, cp_world_size=2)
     with pytest.raises(ValueError, match="rank 1 of 2 but this process is rank 0 of 1"):
-        cp_attention(q, k, v, meta, load_balancer=wrong)
+        cp_attention(q, k, v, meta, load_balancer=wrong, group=world)
     with pytest.raises(ValueError, match="must end at 5"):
-        llama3_attention(q, k, v, torch.tensor([0, 6]), torch.tensor([0, 6]), 6, 6, slice(1, 6))
+        llama3_attention(
+            q, k, v, torch.tensor([0, 6]), torch.tensor([0, 6]), 6, 6, slice(1, 6), group=world
+        )
+
+
+def test_the_cp_group_is_required(single_rank_group):
+    q, k, v = qkv(6)
+    meta = dict(cu_doc_lens=torch.tensor([0, 6]), max_doc_len=6)
+    with pytest.raises(ValueError, match="group is required: pass the context-parallel process group"):
+        cp_attention(q, k, v, meta, load_balancer="zig_zag", group=None)
+    with pytest.raises(TypeError, match="group"):
+        cp_attention(q, k, v, meta, load_balancer="zig_zag")  # no silent default to the world
+    with pytest.raises(ValueError, match="must be a ProcessGroup or a 1-D DeviceMesh, got 'cp'"):
+        cp_attention(q, k, v, meta, load_balancer="zig_zag", group="cp")
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "cp"))
+    with pytest.raises(ValueError, match="a 2-D DeviceMesh has no single CP group"):
+        cp_attention(q, k, v, meta, load_balancer="zig_zag", group=mesh)
+    out = cp_attention(q, k, v, meta, load_balancer="zig_zag", group=mesh["cp"])
+    torch.testing.assert_close(out, varlen_attention(q, k, v, torch.tensor([0, 6]))[0])
 
 
 def _fails_on_rank_one(rank: int, world: int) -> int:

@@ -1,8 +1,11 @@
-"""Optional: ring-flash-attn's GPU kernels fed with our shards and metadata equal full attention.
+"""Optional: the real GPU kernels fed with our shards and metadata equal full attention.
 
-Skipped without CUDA or without ``ring_flash_attn`` (``pip install cp-data[gpu]``). One process
-per GPU (up to 4), NCCL for the kernels' communication; bf16 inputs, compared in float32 with
-:func:`cp_data.attention.varlen_attention` on the full row.
+Skipped without CUDA, flash-attn or ring-flash-attn (``pip install cp-data[gpu]``). One process
+per GPU (up to 4), NCCL for the kernels' communication; bf16 inputs through
+:func:`cp_data.integrations.flash.flash_cp_attention` (ring-flash-attn's zigzag and llama3 varlen
+functions, flash-attn varlen for ulysses), compared in float32 with
+:func:`cp_data.attention.varlen_attention` on the full row. The same code runs on CPU in
+``test_attention_dist.py`` with a stand-in for flash-attn's kernels.
 """
 
 from __future__ import annotations
@@ -18,42 +21,23 @@ from cp_data import unshard
 from cp_data.attention import varlen_attention
 from cp_data.attention.launch import run_gloo
 from cp_data.collate import ContextParallelCollator
+from cp_data.integrations.flash import flash_cp_attention
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("ring_flash_attn") is None,
-    reason="needs CUDA and ring_flash_attn",
+    not torch.cuda.is_available()
+    or importlib.util.find_spec("ring_flash_attn") is None
+    or importlib.util.find_spec("flash_attn") is None,
+    reason="needs CUDA, flash-attn and ring-flash-attn",
 )
 HEADS, HEAD_DIM = 4, 64
-
-
-def ring_flash_attn_output(kind: str, q, k, v, batch, group):
-    import ring_flash_attn
-
-    cuda = dict(device=q.device, dtype=torch.int32)
-    if kind == "zig_zag":
-        return ring_flash_attn.zigzag_ring_flash_attn_varlen_func(
-            q, k, v, batch["cu_doc_lens"].to(**cuda), batch["max_doc_len"], causal=True, group=group
-        )
-    return ring_flash_attn.llama3_flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        batch["cu_doc_lens_q"].to(**cuda),
-        batch["cu_doc_lens_k"].to(**cuda),
-        batch["max_doc_len_q"],
-        batch["max_doc_len_k"],
-        HEADS,  # heads_k_stride: all heads in one pass
-        batch["local_k_slice"],
-        causal=True,
-        group=group,
-    )
+KINDS = ("zig_zag", "llama3", "ulysses")
 
 
 def gpu_worker(rank: int, world: int) -> dict:
     torch.cuda.set_device(rank)
     nccl = dist.new_group(backend="nccl")
     errors = {}
-    for kind in ("zig_zag", "llama3"):
+    for kind in KINDS:
         for seed in range(3):
             rng = np.random.default_rng(seed)
             doc_lens = torch.from_numpy(rng.integers(1, 300, size=12)).long()
@@ -72,7 +56,7 @@ def gpu_worker(rank: int, world: int) -> dict:
                 return x[source.clamp(min=0)].masked_fill(pad, 0.0).cuda().bfloat16()
 
             q_l, k_l, v_l = (local(x).requires_grad_() for x in (q, k, v))
-            out = ring_flash_attn_output(kind, q_l, k_l, v_l, batch, nccl)
+            out = flash_cp_attention(q_l, k_l, v_l, batch, load_balancer=kind, group=nccl)
             out.backward(local(dout))
             mine = torch.stack([out.detach(), q_l.grad, k_l.grad, v_l.grad], 1).float().cpu()
             shards = [torch.empty_like(mine) for _ in range(world)]
@@ -92,7 +76,7 @@ def gpu_worker(rank: int, world: int) -> dict:
 def test_ring_flash_attn_with_our_metadata_equals_full_attention():
     world = min(torch.cuda.device_count(), 4)
     errors = run_gloo(gpu_worker, world, timeout=300)[0]
-    assert len(errors) == 6
+    assert len(errors) == 3 * len(KINDS)
     for key, (out_err, dq_err, dk_err, dv_err) in errors.items():
         assert out_err < 3e-2, (key, errors[key])  # bf16 output rounding
         assert max(dq_err, dk_err, dv_err) < 1e-1, (key, errors[key])

@@ -12,11 +12,40 @@ import torch
 import torch.distributed as dist
 
 
-def group_rank_size(group: Any = None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size (no communication)."""
+def group_rank_size(group: Any) -> tuple[int, int]:
+    """This process's rank in the process group ``group`` and the group's size (no communication)."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def resolve_group(group: Any) -> tuple[Any, int, int]:
+    """``(process group, this process's rank in it, its size)`` for a CP group or a 1-D DeviceMesh.
+
+    The group is required: attention over the default (whole-world) group silently mixes the
+    shards of different data-parallel batches in a DP x CP job. Pass ``dist.group.WORLD`` when
+    every process really is one CP group. Raises ``ValueError`` without communicating.
+    """
+    if group is None:
+        raise ValueError(
+            "group is required: pass the context-parallel process group (or its 1-D DeviceMesh); "
+            "use dist.group.WORLD only when all processes form one CP group"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call init_process_group first")
-    return dist.get_rank(group), dist.get_world_size(group)
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(
+                f"a {group.ndim}-D DeviceMesh has no single CP group; pass its CP dimension, "
+                "e.g. mesh['cp']"
+            )
+        group = group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be a ProcessGroup or a 1-D DeviceMesh, got {group!r}")
+    rank, size = group_rank_size(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given group"
+        )
+    return group, rank, size
 
 
 class RingExchange:
@@ -26,11 +55,10 @@ class RingExchange:
     travels; ``wait`` returns the received tensor.
     """
 
-    def __init__(self, group: Any = None):
+    def __init__(self, group: Any):
         rank, size = group_rank_size(group)
-        ring = group if group is not None else dist.group.WORLD
-        self._next = dist.get_global_rank(ring, (rank + 1) % size)
-        self._prev = dist.get_global_rank(ring, (rank - 1) % size)
+        self._next = dist.get_global_rank(group, (rank + 1) % size)
+        self._prev = dist.get_global_rank(group, (rank - 1) % size)
         self._group = group
         self._works: list = []
         self._recv: torch.Tensor | None = None
@@ -69,12 +97,16 @@ class _GatherSum(torch.autograd.Function):
         return grad[ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local], None
 
 
-def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0, differentiably (gradients go to the owners)."""
     return _GatherSum.apply(x, group)
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
+    """Send chunk j of ``scatter_dim`` to rank j; concatenate what arrives along ``gather_dim``.
+
+    Chunks arrive in rank order. No gradient: see :func:`all_to_all_with_grad`.
+    """
     _, size = group_rank_size(group)
     # Stacked equal chunks on a new leading dim: all_to_all_single, which gloo supports too.
     send = torch.stack(x.chunk(size, dim=scatter_dim))
@@ -91,16 +123,14 @@ class _AllToAll(torch.autograd.Function):
         ctx, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any
     ) -> torch.Tensor:
         ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
+        return all_to_all(x, scatter_dim, gather_dim, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+        return all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
 
 
-def all_to_all_with_grad(
-    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any = None
-) -> torch.Tensor:
+def all_to_all_with_grad(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) -> torch.Tensor:
     """Differentiable all-to-all: the backward is the reverse all-to-all."""
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)

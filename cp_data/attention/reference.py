@@ -1,9 +1,12 @@
 """Single-process causal document-masked (varlen) attention, the ground truth for CP attention.
 
-Layout as in flash-attn's varlen functions: packed ``q, k, v`` of shape ``[T, H, D]`` without a
-batch dimension, documents delimited by ``cu_seqlens``; the log-sum-exp comes back as ``[H, T]``.
-Everything here is plain torch (float32 or float64), vectorised over documents with a mask built
-from document ids, and differentiable by autograd.
+Layout as in flash-attn's varlen functions: packed ``q`` of shape ``[T, H, D]`` and ``k, v`` of
+shape ``[T, H_kv, D]`` without a batch dimension (grouped-query attention when ``H_kv`` divides
+``H``: query head ``h`` uses key/value head ``h // (H / H_kv)``, as flash-attn and transformers'
+``repeat_kv``), documents delimited by ``cu_seqlens``; the log-sum-exp comes back as ``[H, T]``.
+Everything here is plain torch, vectorised over documents with a mask built from document ids,
+and differentiable by autograd. float64 is computed in float64; float32, bfloat16 and float16 in
+float32 (outputs return in the input dtype, the log-sum-exp stays in the compute dtype).
 """
 
 from __future__ import annotations
@@ -12,11 +15,26 @@ import math
 
 import torch
 
-__all__ = ["varlen_attention", "varlen_mask", "masked_attention", "masked_attention_backward"]
+__all__ = [
+    "compute_dtype",
+    "masked_attention",
+    "masked_attention_backward",
+    "repeat_kv",
+    "varlen_attention",
+    "varlen_mask",
+]
+
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: str | None = None) -> None:
-    """``q`` is ``[Tq, H, D]``; ``k`` and ``v`` are ``[Tk, H, D]`` with the same heads and dims.
+    """``q`` is ``[Tq, H, D]``; ``k`` and ``v`` are ``[Tk, H_kv, D]`` with ``H_kv`` dividing ``H``.
 
     A CP ``scheme`` (named in the message) shards q, k and v alike, so it needs ``Tq == Tk``.
     """
@@ -24,19 +42,31 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: str | N
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a [tokens, heads, head_dim] tensor, got {shape}")
-        if x.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
-    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
+    if k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[1] % max(k.shape[1], 1):
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads "
-            "and head_dim, and k and v on tokens"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must agree on head_dim, "
+            "k and v on tokens and heads, and the k/v heads must divide the q heads"
         )
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if scheme is not None and q.shape != k.shape:
+    if scheme is not None and q.shape[0] != k.shape[0]:
         raise ValueError(
-            f"{scheme} attention needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+            f"{scheme} attention needs q and k with the same tokens, got {tuple(q.shape)} and "
+            f"{tuple(k.shape)}"
         )
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[T, H_kv, D]`` -> ``[T, heads, D]``: each key/value head serves ``heads / H_kv`` query heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def sum_kv_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The inverse of :func:`repeat_kv` for gradients: sum each group of query heads."""
+    tokens, heads, dim = grad.shape
+    return grad if heads == kv_heads else grad.view(tokens, kv_heads, heads // kv_heads, dim).sum(2)
 
 
 def check_cu(
@@ -93,7 +123,7 @@ def varlen_mask(
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Masked scaled scores ``[H, Tq, Tk]`` (-inf where masked)."""
+    """Masked scaled scores ``[H, Tq, Tk]`` (-inf where masked); ``k`` has all ``H`` heads."""
     return torch.einsum("qhd,khd->hqk", q, k).mul(scale).masked_fill(~mask.to(q.device), -math.inf)
 
 
@@ -102,8 +132,10 @@ def masked_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention under a boolean ``[Tq, Tk]`` mask: ``(out [Tq, H, D], lse [H, Tq])``.
 
-    A query that sees no key gets output 0 and log-sum-exp -inf (as flash-attn), never NaN.
+    ``k, v`` may have fewer heads (grouped-query attention). A query that sees no key gets output
+    0 and log-sum-exp -inf, never NaN. Runs in the dtype it is given.
     """
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = _scores(q, k, mask, scale)
     # The row maximum only stabilises exp(); softmax does not depend on it, so no gradient.
     row_max = scores.amax(-1, keepdim=True).detach()
@@ -130,8 +162,10 @@ def masked_attention_backward(
 
     This is flash attention's backward: with the final log-sum-exp the probabilities of any key
     block are exact, so ``dq`` summed over blocks and ``dk``/``dv`` of each block are the full
-    gradients.
+    gradients. ``dk``/``dv`` have the heads of ``k``/``v``.
     """
+    kv_heads = k.shape[1]
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     finite_lse = lse.masked_fill(~torch.isfinite(lse), math.inf)  # unseen rows: all probs 0
     probs = torch.exp(_scores(q, k, mask, scale) - finite_lse[..., None])
     dv = torch.einsum("hqk,qhd->khd", probs, dout)
@@ -140,7 +174,7 @@ def masked_attention_backward(
     dscores = probs * (dprobs - delta[..., None]) * scale
     dq = torch.einsum("hqk,khd->qhd", dscores, k)
     dk = torch.einsum("hqk,qhd->khd", dscores, q)
-    return dq, dk, dv
+    return dq, sum_kv_groups(dk, kv_heads), sum_kv_groups(dv, kv_heads)
 
 
 def varlen_attention(
@@ -173,4 +207,8 @@ def varlen_attention(
             f"cu_seqlens_q has {len(cu_q) - 1} documents but cu_seqlens_k has {len(cu_k) - 1}"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return masked_attention(q, k, v, varlen_mask(cu_q, cu_k, causal=causal), scale)
+    compute = compute_dtype(q.dtype)
+    out, lse = masked_attention(
+        q.to(compute), k.to(compute), v.to(compute), varlen_mask(cu_q, cu_k, causal=causal), scale
+    )
+    return out.to(q.dtype), lse

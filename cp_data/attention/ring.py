@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from .comm import RingExchange, group_rank_size
+from .comm import RingExchange, resolve_group
 from .reference import (
     check_cu,
     check_max_len,
     check_qkv,
+    compute_dtype,
     doc_offsets,
     masked_attention,
     masked_attention_backward,
@@ -72,8 +73,7 @@ def _merge(out, lse, block_out, block_lse):
 
 class _ZigZagRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu, scale, group):
-        rank, size = group_rank_size(group)
+    def forward(ctx, q, k, v, cu, scale, group, rank, size):
         masks = zig_zag_step_masks(cu)
         ring = RingExchange(group)
         kv = torch.stack([k, v])
@@ -91,10 +91,11 @@ class _ZigZagRing(torch.autograd.Function):
                 kv = ring.wait()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.masks, ctx.scale, ctx.group, ctx.rank, ctx.size = masks, scale, group, rank, size
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         ring = RingExchange(ctx.group)
         dq = torch.zeros_like(q)
@@ -111,7 +112,7 @@ class _ZigZagRing(torch.autograd.Function):
             if ctx.size > 1:  # W hops bring every block (and its gradient) home
                 ring.start(block)
                 block = ring.wait()
-        return dq, block[2], block[3], None, None, None
+        return dq, block[2], block[3], None, None, None, None, None
 
 
 def zig_zag_ring_attention(
@@ -121,18 +122,25 @@ def zig_zag_ring_attention(
     cu_doc_lens: torch.Tensor,
     max_doc_len: int | None = None,
     *,
+    group: Any,
     softmax_scale: float | None = None,
-    group: Any = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal document-masked ring attention over zig-zag shards; returns this rank's output.
 
-    ``q, k, v``: ``[T_local, H, D]`` (this rank's zig-zag shard); ``cu_doc_lens`` and
-    ``max_doc_len``: the zig_zag balancer's metadata. Inputs are validated before any
-    communication, so bad metadata raises ``ValueError`` instead of hanging the group.
+    ``q``: ``[T_local, H, D]`` and ``k, v``: ``[T_local, H_kv, D]`` (this rank's zig-zag shard;
+    ``H_kv`` dividing ``H``); ``cu_doc_lens`` and ``max_doc_len``: the zig_zag balancer's metadata;
+    ``group``: the CP process group (or 1-D DeviceMesh). With ``return_lse`` also the
+    log-sum-exp ``[H, T_local]`` (no gradient). Inputs are validated before any communication,
+    so bad metadata raises ``ValueError`` instead of hanging the group.
     """
     check_qkv(q, k, v, "zig_zag ring")
     cu = check_cu(cu_doc_lens, q.shape[0], "cu_doc_lens")
     check_max_len(max_doc_len, cu, "max_doc_len")
-    group_rank_size(group)  # fails early when torch.distributed is not initialised
+    group, rank, size = resolve_group(group)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return _ZigZagRing.apply(q, k, v, cu, scale, group)
+    compute = compute_dtype(q.dtype)
+    out, lse = _ZigZagRing.apply(
+        q.to(compute), k.to(compute), v.to(compute), cu, scale, group, rank, size
+    )
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
