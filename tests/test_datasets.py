@@ -36,6 +36,15 @@ def make_docs(n=120, max_len=40, seed=0):
     return [list(range(e - k + 1, e + 1)) for e, k in zip(ends, lens)]
 
 
+def token_dataset(docs, chunks=1):
+    """``docs`` as an int64 token column, stored in ``chunks`` arrow chunks."""
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64"))})
+    parts = np.array_split(np.arange(len(docs)), chunks) if docs else [np.arange(0)]
+    return datasets.concatenate_datasets(
+        [datasets.Dataset.from_dict({"input_ids": [docs[i] for i in p]}, features=features) for p in parts]
+    )
+
+
 def real_tokens(rows):
     return sorted(int(t) for r in rows for t in r["input_ids"][r["label_mask"]])
 
@@ -54,8 +63,11 @@ def check_instance(row, S):
     st.sampled_from(["bfd", "concat"]),
 )
 def test_map_style_conserves_documents(docs, S, algorithm):
-    ds = datasets.Dataset.from_dict({"input_ids": docs}, features=datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int64"))}))
+    ds = token_dataset(docs)
+    if not any(docs):
+        with pytest.raises(ValueError, match="has no documents" if not docs else f"all {len(docs)} documents"):
+            PackedDataset(ds, S)
+        return
     packed = PackedDataset(ds, PackingConfig(S, algorithm=algorithm, pad_token_id=-7))
     rows = [packed[i] for i in range(len(packed))]
     for row in rows:
@@ -94,6 +106,33 @@ def test_bad_input_errors():
         tokenize_dataset(ds, lambda t: [0.5], eos_token_id=None)
     with pytest.raises(ValueError, match="EOS"):
         tokenize_dataset(ds, lambda t: [1])
+
+
+@settings(max_examples=40)
+@given(st.lists(st.lists(st.integers(-3, 60), max_size=6), min_size=1, max_size=12), st.integers(1, 4))
+def test_negative_token_ids_name_the_first_offending_document(docs, chunks):
+    ds = token_dataset(docs, chunks)
+    bad = [(i, t) for i, d in enumerate(docs) for t in d if t < 0]
+    if not bad:
+        if any(docs):
+            assert real_tokens(list(PackedDataset(ds, 8))) == sorted(t for d in docs for t in d)
+        return
+    i, t = bad[0]
+    with pytest.raises(ValueError, match=rf"document {i} holds the negative token id {t};"):
+        PackedDataset(ds, 8)
+    with pytest.raises(ValueError, match=rf"document {i} holds the negative token id {t};"):
+        PackedIterableDataset(ds, 8)
+
+
+def test_negative_ids_follow_the_index_mapping_and_empty_sources_are_refused():
+    ds = token_dataset([[1, 2], [3, -100], [], [4]], chunks=2)
+    with pytest.raises(ValueError, match=r"'input_ids': document 0 holds the negative token id -100;"):
+        PackedDataset(ds.select([1, 0]), 8)
+    assert len(PackedDataset(ds.select([0, 3]), 8)) == 1
+    with pytest.raises(ValueError, match=r"the source \(Dataset with columns \['input_ids'\]\) has no documents"):
+        PackedDataset(token_dataset([]), 8)
+    with pytest.raises(ValueError, match="all 2 documents of the source"):
+        PackedIterableDataset(ds.select([2, 2]), 8)
 
 
 def loader(src, nw, config=PackingConfig(32, cp_multiple=4)):

@@ -9,9 +9,9 @@ import torch
 
 from cp_data.packing import PackingConfig, assemble_row
 
-from .store import TokenStore
+from .store import TokenStore, describe_source
 
-__all__ = ["PackedDataset", "as_config", "to_instance"]
+__all__ = ["PackedDataset", "as_config", "open_store", "to_instance"]
 
 
 def as_config(config: Union[PackingConfig, int]) -> PackingConfig:
@@ -19,6 +19,16 @@ def as_config(config: Union[PackingConfig, int]) -> PackingConfig:
     if isinstance(config, PackingConfig):
         return config
     return PackingConfig(seq_len=config)
+
+
+def open_store(source, column: str) -> TokenStore:
+    """The documents of a map-style ``source``; ``ValueError`` when it has nothing to pack."""
+    store = TokenStore(source, column)
+    if not len(store):
+        raise ValueError(f"the source ({describe_source(source)}) has no documents; nothing to pack")
+    if not store.lengths.any():
+        raise ValueError(f"all {len(store)} documents of the source ({describe_source(source)}) are empty")
+    return store
 
 
 def to_instance(row: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -37,7 +47,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, config: Union[PackingConfig, int], column: str = "input_ids") -> None:
         self.config = as_config(config)
-        self.store = TokenStore(dataset, column)
+        self.store = open_store(dataset, column)
         self.plan = self.config.build().plan(self.store.lengths)
 
     def __len__(self) -> int:

@@ -12,7 +12,7 @@ import torch
 from cp_data.packing import PackingConfig, PackingPlan, assemble_row
 from cp_data.packing.plan import fill_rates
 
-from .packed import as_config, to_instance
+from .packed import as_config, open_store, to_instance
 from .store import TokenStore, check_column
 
 __all__ = ["PackedIterableDataset"]
@@ -112,7 +112,7 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         self.buffer_size = buffer_size
         self.carry_rows = carry_rows
         if isinstance(source, datasets.Dataset):
-            self.store: Optional[TokenStore] = TokenStore(source, column)
+            self.store: Optional[TokenStore] = open_store(source, column)
             self.source = None
         elif isinstance(source, datasets.IterableDataset):
             if source.column_names is not None:
