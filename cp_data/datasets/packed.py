@@ -23,6 +23,10 @@ def as_config(config: Union[PackingConfig, int]) -> PackingConfig:
 
 def open_store(source, column: str) -> TokenStore:
     """The documents of a map-style ``source``; ``ValueError`` when it has nothing to pack."""
+    if not hasattr(source, "with_format"):
+        raise ValueError(
+            f"source must be a datasets.Dataset or datasets.IterableDataset, got {type(source).__name__}"
+        )
     store = TokenStore(source, column)
     if not len(store):
         raise ValueError(f"the source ({describe_source(source)}) has no documents; nothing to pack")
