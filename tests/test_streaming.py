@@ -8,6 +8,7 @@ would. A few tests go through real StatefulDataLoader workers to check the loade
 import collections
 import contextlib
 import copy
+import json
 import types
 import warnings
 from unittest import mock
@@ -262,8 +263,9 @@ def test_iterable_source_moves_from_two_workers_to_one():
     src = source_of(docs, "iterable", shards=5)
     dl = loader(src, 2, buffer_size=8)
     rows = [r for _, batch in zip(range(4), dl) for r in batch]
+    run = json.loads(json.dumps(stream_state(dl.state_dict())))  # JSON-safe, shard positions included
     one = loader(src, 1, buffer_size=8)
-    load_stream_state(one, dl.state_dict())
+    load_stream_state(one, run)
     rows += [r for batch in one for r in batch]
     assert real_tokens(rows) == sorted(t for d in docs for t in d)
 
@@ -332,14 +334,22 @@ def test_stream_source_errors_and_empty_streams():
     ]
 
 
-@pytest.mark.parametrize("kind", ["map", "iterable"])
-def test_split_by_node_and_workers_partition_documents(kind):
+@pytest.mark.parametrize("kind, shards", [("map", 0), ("iterable", 4), ("iterable", 3)])
+def test_sources_split_by_node_before_packing(kind, shards):
+    # 4 shards over 2 nodes: split by shards; 3 shards: by examples (each node reads its whole stream)
     docs = make_docs(150)
-    src = source_of(docs, kind)
-    seen = collections.Counter()
+    src = source_of(docs, kind, shards)
+    tokens, states = [], []
     for rank in range(2):
         node = split_dataset_by_node(src, rank=rank, world_size=2)
-        rows = [r for b in loader(node, 2, config=PackingConfig(24)) for r in b]
-        seen.update(real_tokens(rows))
-    assert sorted(seen.elements()) == sorted(t for d in docs for t in d)
-    assert max(seen.values()) == 1
+
+        def make():
+            return PackedIterableDataset(node, PackingConfig(24), buffer_size=8)
+
+        head = Readers(make, 1, 2)  # two workers, then three: a worker-count change within a node
+        tokens += real_tokens([row for _, row in head.pull([0, 1, 1, 0, 1])])
+        states.append(head.states())
+        tokens += real_tokens([row for _, row in Readers(make, 1, 3, stream_state(states[-1])).draw(10**9)])
+    assert sorted(tokens) == sorted(t for d in docs for t in d)
+    with pytest.raises(ValueError, match="different streams"):  # not across nodes
+        stream_state(states[0] + states[1])

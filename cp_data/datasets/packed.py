@@ -36,7 +36,7 @@ def open_store(source, column: str) -> TokenStore:
 
 
 def to_instance(row: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Numpy row -> SPEC §3 packed instance (torch tensors, int64/bool)."""
+    """A numpy row as the packed instance the collator takes (the same keys, as torch tensors)."""
     return {k: torch.from_numpy(v) for k, v in row.items()}
 
 
@@ -44,9 +44,10 @@ class PackedDataset(torch.utils.data.Dataset):
     """Packed rows of length ``seq_len`` over a HF ``Dataset`` with a token-id column.
 
     The plan is made once from the document lengths (O(n log n)); ``dataset[i]`` then copies only
-    the tokens of row ``i``. Each item is a SPEC §3 packed instance: ``input_ids`` int64 [S],
+    the tokens of row ``i``. Each item is a packed instance: ``input_ids`` int64 [S],
     ``doc_lens`` int64 [n] (> 0, summing to S, trailing padding as one document) and
-    ``label_mask`` bool [S] (False on padding). Empty documents are skipped and counted.
+    ``label_mask`` bool [S] (False on padding). Empty documents are skipped and counted; a source
+    with no documents, or only empty ones, and negative token ids raise ``ValueError``.
     """
 
     def __init__(self, dataset, config: Union[PackingConfig, int], column: str = "input_ids") -> None:

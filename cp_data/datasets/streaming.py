@@ -74,9 +74,9 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         if isinstance(source, datasets.IterableDataset):
             self.source: Union[DocumentBlocks, StreamShards] = StreamShards(source, column)
             self.stream: Optional[datasets.IterableDataset] = source
-            self.epoch = source.epoch
         else:
-            self.source, self.stream, self.epoch = DocumentBlocks(source, column, buffer_size), None, 0
+            self.source, self.stream = DocumentBlocks(source, column, buffer_size), None
+        self._epoch = 0
         c = self.config
         self.fingerprint = {
             "seq_len": c.seq_len, "algorithm": c.algorithm, "long_docs": c.long_docs,
@@ -108,11 +108,16 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         part._resume = part._reader = None
         return part
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next pass: a HF ``IterableDataset`` source's own, else the one set here."""
+        return self.stream.epoch if self.stream is not None else self._epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """The epoch of the next pass (a HF ``IterableDataset`` shuffles its shards by it)."""
-        self.epoch = int(epoch)
+        """Set the epoch of the next pass (forwarded to a HF ``IterableDataset``: its shuffling uses it)."""
+        self._epoch = int(epoch)
         if self.stream is not None:
-            self.stream.set_epoch(self.epoch)
+            self.stream.set_epoch(self._epoch)
 
     def _reader_index(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
