@@ -42,7 +42,7 @@ from torchdata.stateful_dataloader.stateful_dataloader import (
 from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter as _Multi
 from torchdata.stateful_dataloader.stateful_dataloader import _StatefulSingleProcessDataLoaderIter as _Single
 
-__all__ = ["COUNTERS", "load_stream_state", "reader_share", "stream_state"]
+__all__ = ["load_stream_state", "stream_state"]
 
 COUNTERS = ("documents", "empty_docs_skipped", "docs_split", "docs_truncated", "tokens_truncated",
             "rows", "tokens")

@@ -148,7 +148,8 @@ class PackedIterableDataset(torch.utils.data.IterableDataset):
         if not isinstance(state, dict) or state.get("stream") not in (READER, RUN):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a PackedIterableDataset state (keys {keys})")
-        differ = {k: (state["config"].get(k), v) for k, v in self.fingerprint.items() if state["config"].get(k) != v}
+        saved = state.get("config") or {}
+        differ = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
         if differ:
             raise ValueError(
                 "the state was saved by another stream: (saved, this one) differ in "
@@ -186,11 +187,12 @@ class _Reader:
         self.queue = [dict(b) for b in state["queue"]]
         self.carry = list(state["carry"])
         self.counters = dict(state["counters"])
-        self.fresh = state["position"] == [state["reader"], None] and start == fresh_start()
+        self.from_start = state["position"] == [state["reader"], None] and start == fresh_start()
         self.cursor = None
         self.opened = self.docs_read = 0
 
     def state(self) -> dict:
+        """Where this reader stands: what ``PackedIterableDataset.state_dict`` returns."""
         return {**copy.deepcopy(self.fixed), "position": copy.deepcopy(self.position),
                 "queue": [dict(b) for b in self.queue], "carry": list(self.carry), "counters": dict(self.counters)}
 
@@ -302,6 +304,6 @@ class _Reader:
             self.queue.pop(0)
 
     def _warn_if_empty(self) -> None:
-        if self.fresh and self.opened and not self.docs_read:
+        if self.from_start and self.opened and not self.docs_read:
             who = "" if self.fixed["readers"] == 1 else f" for reader {self.fixed['reader']} of {self.fixed['readers']}"
-            warnings.warn(f"the stream source ({self.source.description}) yielded no documents{who}", stacklevel=3)
+            warnings.warn(f"the stream source ({self.source.description}) yielded no documents{who}", stacklevel=2)
