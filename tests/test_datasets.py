@@ -1,15 +1,11 @@
-"""HF layer: map-style and streaming packed datasets, resume, worker/node splits, corpus, errors."""
-
-import collections
+"""HF layer: map-style packed datasets, token stores, corpus, errors (streaming: test_streaming.py)."""
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from datasets.distributed import split_dataset_by_node
 from hypothesis import given
 from hypothesis import strategies as st
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cp_data.datasets import (
     ByteTokenizer,
@@ -37,6 +33,15 @@ def make_docs(n=120, max_len=40, seed=0):
     return [list(range(e - k + 1, e + 1)) for e, k in zip(ends, lens)]
 
 
+def token_dataset(docs, chunks=1):
+    """``docs`` as an int64 token column, stored in ``chunks`` arrow chunks."""
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64"))})
+    parts = np.array_split(np.arange(len(docs)), chunks) if docs else [np.arange(0)]
+    return datasets.concatenate_datasets(
+        [datasets.Dataset.from_dict({"input_ids": [docs[i] for i in p]}, features=features) for p in parts]
+    )
+
+
 def real_tokens(rows):
     return sorted(int(t) for r in rows for t in r["input_ids"][r["label_mask"]])
 
@@ -55,8 +60,11 @@ def check_instance(row, S):
     st.sampled_from(["bfd", "concat"]),
 )
 def test_map_style_conserves_documents(docs, S, algorithm):
-    ds = datasets.Dataset.from_dict({"input_ids": docs}, features=datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int64"))}))
+    ds = token_dataset(docs)
+    if not any(docs):
+        with pytest.raises(ValueError, match="has no documents" if not docs else f"all {len(docs)} documents"):
+            PackedDataset(ds, S)
+        return
     packed = PackedDataset(ds, PackingConfig(S, algorithm=algorithm, pad_token_id=-7))
     rows = [packed[i] for i in range(len(packed))]
     for row in rows:
@@ -97,65 +105,31 @@ def test_bad_input_errors():
         tokenize_dataset(ds, lambda t: [1])
 
 
-def loader(src, nw, config=PackingConfig(32, cp_multiple=4)):
-    ds = PackedIterableDataset(src, config, buffer_size=16, carry_rows=2)
-    return StatefulDataLoader(ds, batch_size=3, num_workers=nw, collate_fn=list)
+@few_examples
+@given(st.lists(st.lists(st.integers(-3, 60), max_size=6), min_size=1, max_size=12), st.integers(1, 4))
+def test_negative_token_ids_name_the_first_offending_document(docs, chunks):
+    ds = token_dataset(docs, chunks)
+    bad = [(i, t) for i, d in enumerate(docs) for t in d if t < 0]
+    if not bad:
+        if any(docs):
+            assert real_tokens(list(PackedDataset(ds, 8))) == sorted(t for d in docs for t in d)
+        return
+    i, t = bad[0]
+    with pytest.raises(ValueError, match=rf"document {i} holds the negative token id {t};"):
+        PackedDataset(ds, 8)
+    with pytest.raises(ValueError, match=rf"document {i} holds the negative token id {t};"):
+        PackedIterableDataset(ds, 8)
 
 
-@pytest.mark.parametrize("nw", [0, 2])
-@pytest.mark.parametrize("kind", ["map", "iterable"])
-def test_streaming_resume_is_exact(nw, kind):
-    docs = make_docs()
-    ds = datasets.Dataset.from_dict({"input_ids": docs})
-    src = ds if kind == "map" else ds.to_iterable_dataset(num_shards=4)
-    full = [r for batch in loader(src, nw) for r in batch]
-    assert real_tokens(full) == sorted(t for d in docs for t in d)  # no loss, no duplicate
-    for row in full:
-        check_instance(row, 32)
-        assert (row["doc_lens"] % 4 == 0).all()
-    dl = loader(src, nw)
-    it = iter(dl)
-    head = [r for _ in range(5) for r in next(it)]
-    state = dl.state_dict()
-    resumed = loader(src, nw)
-    resumed.load_state_dict(state)
-    rest = [r for batch in resumed for r in batch]
-    assert len(head) + len(rest) == len(full)
-    for a, b in zip(head + rest, full):
-        assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-def test_streaming_state_dict_round_trip_without_loader():
-    ds = datasets.Dataset.from_dict({"input_ids": make_docs(60)})
-    stream = PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8)
-    it = iter(stream)
-    head = [next(it) for _ in range(7)]
-    state = stream.state_dict()
-    metrics = stream.metrics()
-    again = PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8)
-    again.load_state_dict(state)
-    rest = list(again)
-    full = list(PackedIterableDataset(ds, PackingConfig(16, algorithm="concat"), buffer_size=8))
-    assert [r["input_ids"].tolist() for r in head + rest] == [r["input_ids"].tolist() for r in full]
-    assert metrics["rows"] == 7 and again.metrics()["rows"] == len(full)
-    # concat with carry keeps the stream contiguous: only the very last row has padding
-    assert all(bool(r["label_mask"].all()) for r in full[:-1])
-    with pytest.raises(ValueError, match="missing keys"):
-        again.load_state_dict({"source": None})
-
-
-@pytest.mark.parametrize("kind", ["map", "iterable"])
-def test_split_by_node_and_workers_partition_documents(kind):
-    docs = make_docs(150)
-    ds = datasets.Dataset.from_dict({"input_ids": docs})
-    src = ds if kind == "map" else ds.to_iterable_dataset(num_shards=4)
-    seen = collections.Counter()
-    for rank in range(2):
-        node = split_dataset_by_node(src, rank=rank, world_size=2)
-        rows = [r for b in loader(node, 2, PackingConfig(24)) for r in b]
-        seen.update(real_tokens(rows))
-    assert sorted(seen.elements()) == sorted(t for d in docs for t in d)
-    assert max(seen.values()) == 1
+def test_negative_ids_follow_the_index_mapping_and_empty_sources_are_refused():
+    ds = token_dataset([[1, 2], [3, -100], [], [4]], chunks=2)
+    with pytest.raises(ValueError, match=r"'input_ids': document 0 holds the negative token id -100;"):
+        PackedDataset(ds.select([1, 0]), 8)
+    assert len(PackedDataset(ds.select([0, 3]), 8)) == 1
+    with pytest.raises(ValueError, match=r"the source \(Dataset with columns \['input_ids'\]\) has no documents"):
+        PackedDataset(token_dataset([]), 8)
+    with pytest.raises(ValueError, match="all 2 documents of the source"):
+        PackedIterableDataset(ds.select([2, 2]), 8)
 
 
 def test_default_corpus_bytes_round_trip_and_packing():

@@ -12,6 +12,7 @@ from .corpus import (
 )
 from .packed import PackedDataset
 from .store import TokenStore
+from .stream_state import load_stream_state, stream_state
 from .streaming import PackedIterableDataset
 from .tokenize import ByteTokenizer, tokenize_dataset
 
@@ -23,9 +24,11 @@ __all__ = [
     "default_cache_dir",
     "get_tokenizer",
     "load_default_corpus",
+    "load_stream_state",
     "load_text_files",
     "open_token_files",
     "packed_dataset_from_files",
+    "stream_state",
     "tokenize_dataset",
     "train_bpe",
 ]

@@ -9,9 +9,11 @@ import torch
 
 from cp_data.packing import PackingConfig, assemble_row
 
-from .store import as_token_store
+from cp_data.sources import DocumentSource
 
-__all__ = ["PackedDataset", "as_config", "to_instance"]
+from .store import TokenStore, as_token_store, describe_source
+
+__all__ = ["PackedDataset", "as_config", "open_store", "to_instance"]
 
 
 def as_config(config: Union[PackingConfig, int]) -> PackingConfig:
@@ -21,8 +23,23 @@ def as_config(config: Union[PackingConfig, int]) -> PackingConfig:
     return PackingConfig(seq_len=config)
 
 
+def open_store(source, column: str) -> "TokenStore | DocumentSource":
+    """The documents of a map-style ``source``; ``ValueError`` when it has nothing to pack."""
+    if not isinstance(source, DocumentSource) and not hasattr(source, "with_format"):
+        raise ValueError(
+            "source must be a datasets.Dataset, a datasets.IterableDataset or a token-file source "
+            f"from open_token_files, got {type(source).__name__}"
+        )
+    store = as_token_store(source, column)
+    if not len(store):
+        raise ValueError(f"the source ({describe_source(source)}) has no documents; nothing to pack")
+    if not store.lengths.any():
+        raise ValueError(f"all {len(store)} documents of the source ({describe_source(source)}) are empty")
+    return store
+
+
 def to_instance(row: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Numpy row -> packed instance (torch tensors, int64/bool)."""
+    """A numpy row as the packed instance the collator takes (the same keys, as torch tensors)."""
     return {k: torch.from_numpy(v) for k, v in row.items()}
 
 
@@ -33,12 +50,13 @@ class PackedDataset(torch.utils.data.Dataset):
     The plan is made once from the document lengths (O(n log n)); ``dataset[i]`` then copies only
     the tokens of row ``i``. Each item is a packed instance: ``input_ids`` int64 [S],
     ``doc_lens`` int64 [n] (> 0, summing to S, trailing padding as one document) and
-    ``label_mask`` bool [S] (False on padding). Empty documents are skipped and counted.
+    ``label_mask`` bool [S] (False on padding). Empty documents are skipped and counted; a source
+    with no documents, or only empty ones, and negative token ids raise ``ValueError``.
     """
 
     def __init__(self, dataset, config: Union[PackingConfig, int], column: str = "input_ids") -> None:
         self.config = as_config(config)
-        self.store = as_token_store(dataset, column)
+        self.store = open_store(dataset, column)
         self.plan = self.config.build().plan(self.store.lengths)
 
     def __len__(self) -> int:

@@ -9,7 +9,31 @@ import pyarrow as pa
 
 from cp_data.sources import DocumentSource
 
-__all__ = ["TokenStore", "as_token_store", "check_column"]
+__all__ = ["TokenStore", "as_token_store", "check_column", "check_token_ids", "describe_source"]
+
+
+def describe_source(source) -> str:
+    """A short name for messages: the type, the dataset name when known, and the columns."""
+    name = getattr(getattr(source, "info", None), "dataset_name", None)
+    columns = getattr(source, "column_names", None)
+    return type(source).__name__ + (f" {name!r}" if name else "") + (f" with columns {columns}" if columns else "")
+
+
+def check_token_ids(values: np.ndarray, offsets: np.ndarray, first_doc: int = 0, where: str = "document") -> None:
+    """Raise ``ValueError`` naming the first document with a negative token id (vectorised).
+
+    ``values[offsets[i]:offsets[i + 1]]`` are the tokens of document ``first_doc + i``. Negative ids
+    are never valid, and -100 would be mistaken for the ignored label.
+    """
+    used = values[offsets[0] : offsets[-1]]
+    if not used.size or not np.issubdtype(used.dtype, np.signedinteger) or used.min() >= 0:
+        return
+    pos = int(np.argmax(used < 0)) + int(offsets[0])
+    doc = first_doc + int(np.searchsorted(offsets, pos, side="right")) - 1
+    raise ValueError(
+        f"{where} {doc} holds the negative token id {int(values[pos])}; token ids must be >= 0 "
+        "(-100 marks ignored labels)"
+    )
 
 
 def check_column(dataset, column: str) -> None:
@@ -50,6 +74,7 @@ class TokenStore:
         self._values: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         lengths = []
+        first_doc = 0
         for chunk in chunks:
             if len(chunk) == 0:
                 continue
@@ -62,7 +87,9 @@ class TokenStore:
                 lens[np.asarray(chunk.is_null())] = 0
             self._values.append(values.to_numpy(zero_copy_only=False))
             self._offsets.append(offsets)
+            check_token_ids(self._values[-1], offsets, first_doc, where=f"column {self.column!r}: document")
             lengths.append(lens)
+            first_doc += lens.size
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         counts = [len(o) - 1 for o in self._offsets]
         self._first_doc = np.concatenate(([0], np.cumsum(counts)))[:-1].tolist()
