@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import flash_attn_cpu
 from cp_data.attention import varlen_attention
+from hypothesis_profiles import few_examples
 
 fwd, bwd = flash_attn_cpu._flash_attn_varlen_forward, flash_attn_cpu._flash_attn_varlen_backward
 
@@ -40,7 +41,7 @@ def test_causal_masks_align_bottom_right_as_flash_attn_documents():
     assert lse.dtype == torch.float32
 
 
-@settings(max_examples=25)  # each example loops over documents in Python
+@few_examples  # each example loops over documents in Python
 @given(
     st.lists(st.tuples(st.integers(1, 7), st.integers(0, 4)), min_size=1, max_size=5),
     st.sampled_from([(4, 4), (4, 2), (4, 1)]),

@@ -10,11 +10,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data.datasets import open_token_files
 from cp_data.sources import scan, scan_offsets, sniff_format, write_llmc, write_megatron, write_numpy
+from hypothesis_profiles import few_examples
 
 EOS, BOS = 0, 1
 
@@ -71,7 +72,7 @@ def layout(fmt, docs, dtype, d):
 FORMATS = ["numpy eos", "numpy bos", "numpy bos+eos", "numpy sidecar", "nanogpt", "megatron", "llmc"]
 
 
-@settings(max_examples=30)
+@few_examples
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 @given(data=st.data())

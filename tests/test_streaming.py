@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from datasets.distributed import split_dataset_by_node
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from test_datasets import check_instance, make_docs, real_tokens, token_dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from cp_data.datasets import PackedIterableDataset, load_stream_state, stream_state
 from cp_data.loader import ContextParallelLoaderConfig
 from cp_data.packing import PackingConfig
+from hypothesis_profiles import few_examples
 
 
 @contextlib.contextmanager
@@ -104,7 +105,7 @@ packings = st.builds(
 )
 
 
-@settings(max_examples=50)
+@few_examples
 @given(
     lengths=corpora, config=packings, buffer_size=st.integers(1, 7), carry_rows=st.integers(0, 3),
     kind=st.sampled_from(["map", "iterable"]), shards=st.integers(1, 5),
@@ -157,7 +158,7 @@ def test_every_save_point_of_a_reader_that_took_over_several_buffers(kind):
         assert real_tokens(head + middle + rest) == sorted(t for d in docs for t in d), k
 
 
-@settings(max_examples=40)
+@few_examples
 @given(
     lengths=corpora, config=packings, buffer_size=st.integers(1, 7), carry_rows=st.integers(0, 3),
     kind=st.sampled_from(["map", "iterable"]), dp=st.integers(1, 2), workers=st.integers(1, 3),
