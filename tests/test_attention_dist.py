@@ -1,8 +1,9 @@
 """CP attention on 2 and 4 gloo processes equals single-process document-masked attention.
 
-One spawn of 4 processes runs every case: the world (W=4) and two W=2 subgroups, all three
-balancers, many random packed batches each (B >= 1, many documents, lengths that are multiples of
-nothing in particular, random ``length_multiple``). Each batch goes through the real
+One spawn of 4 processes (shared with ``test_hf_cp.py``, see :mod:`gloo_session`) runs every
+case: the world (W=4) and two W=2 subgroups, all three balancers, many random packed batches each
+(B >= 1, many documents, lengths that are multiples of nothing in particular, random
+``length_multiple``). Each batch goes through the real
 ``ContextParallelCollator``; ``input_ids`` are the token's position in the flattened row, so the
 collated ``input_ids`` say which token of the full row every local slot holds (-1: balancer
 padding) and q, k, v and the output gradient are sharded exactly like the tokens. Outputs and the
@@ -28,10 +29,10 @@ import torch.distributed as dist
 
 from cp_data import RingAttentionLoadBalancerType, unshard
 from cp_data.attention import cp_attention, varlen_attention
-from cp_data.attention.launch import run_gloo
 from cp_data.collate import ContextParallelCollator
 
 import flash_attn_cpu
+import gloo_session
 
 KINDS = ("zig_zag", "llama3", "ulysses")
 CASES_PER_KIND = 10
@@ -252,7 +253,8 @@ def flash_refusals(group) -> list[str]:
     return messages
 
 
-def worker(rank: int, world: int, cases: int) -> dict:
+def worker(rank: int, world: int) -> dict:
+    """Every case of this module on one rank (run by :mod:`gloo_session`)."""
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     runs = [
         (4, dist.group.WORLD, rank, 0),
@@ -261,8 +263,9 @@ def worker(rank: int, world: int, cases: int) -> dict:
     results = {}
     for size, group, sub_rank, seed0 in runs:
         for kind in KINDS:
-            found = [run_case(seed0 + i, kind, size, sub_rank, group) for i in range(cases)]
-            found.append(run_case(seed0 + cases, kind, size, sub_rank, group, torch.float32))
+            found = [run_case(seed0 + i, kind, size, sub_rank, group) for i in range(CASES_PER_KIND)]
+            last = seed0 + CASES_PER_KIND
+            found.append(run_case(last, kind, size, sub_rank, group, torch.float32))
             if sub_rank == 0:
                 results[(kind, size, seed0)] = found
     results["bad_input"] = bad_input_messages(rank, world)
@@ -286,7 +289,7 @@ def worker(rank: int, world: int, cases: int) -> dict:
 
 @pytest.fixture(scope="module")
 def dist_results() -> list[dict]:
-    return run_gloo(worker, 4, CASES_PER_KIND, timeout=240)
+    return [result["attention"] for result in gloo_session.results()]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,6 +1,7 @@
 """A stock transformers ``LlamaForCausalLM`` under CP equals the unmodified model on whole documents.
 
-One spawn of 4 gloo processes runs everything (transformers is slow to import):
+One spawn of 4 gloo processes runs everything, shared with ``test_attention_dist.py`` (see
+:mod:`gloo_session`):
 
 - proof: a tiny Llama from a config (2 layers, 4 query / 2 key-value heads, RoPE) with cp-data's
   attention registered in ``AttentionInterface``, for every balancer, as CP=4 over the world and as
@@ -26,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 import flash_attn_cpu
+import gloo_session
 from cp_data import unshard
-from cp_data.attention.launch import run_gloo
 from cp_data.collate import ContextParallelCollator
 from cp_data.integrations.hf import model_inputs, register_cp_attention
 from cp_data.integrations.training import cp_loss, sum_gradients
@@ -130,6 +131,7 @@ def proof(rank: int) -> dict:
 
 
 def worker(rank: int, world: int) -> dict:
+    """Everything this module checks, on one rank (run by :mod:`gloo_session`)."""
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata noise
     warnings.filterwarnings("ignore", category=FutureWarning)  # gloo *_tensor collectives renamed
     if HAS_RING_FLASH_ATTN:
@@ -140,7 +142,7 @@ def worker(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_results() -> dict:
-    return run_gloo(worker, 4, timeout=600)[0]
+    return gloo_session.results()[0]["hf"]
 
 
 @pytest.mark.parametrize("setup", ["CP=4", "DP=2xCP=2"])
