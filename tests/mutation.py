@@ -162,7 +162,7 @@ MUTANTS = [
         "cp_multiple pads an aligned document by one more multiple",
         "cp_data/packing/config.py",
         "budget = round_up(real, m)",
-        "budget = (real // m + 1) * m",
+        "budget = round_up(real + (m > 1), m)",
         ("tests/test_packing.py", "tests/test_survivors.py"),
     ),
     Mutant(
@@ -238,7 +238,7 @@ def run_pytest(tree: Path, tests: list[str], deselect: list[str], profile: str |
     env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", CP_DATA_CACHE=str(tree / ".cache"))
     if profile:
         env["HYPOTHESIS_PROFILE"] = profile
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     cmd += [arg for node in deselect for arg in ("--deselect", node)]
     start = time.perf_counter()
     try:

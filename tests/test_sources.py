@@ -246,16 +246,16 @@ def test_ids_checked_against_dtype_and_vocab(tmp_path):
     path = write_numpy(tmp_path / "v.npy", [[3, 4, EOS], [9, 700, EOS]], "uint16")
     src = open_token_files(path, dtype="uint16", eos_token_id=EOS, vocab_size=512)
     assert src[0].tolist() == [3, 4, 0]
-    with pytest.raises(ValueError, match=r"v\.npy: document 1 hold\(s\) token id 700, outside \[0, 511\] \(vocab_size=512\)"):
+    with pytest.raises(ValueError, match=r"v\.npy: document 1 holds token id 700, outside \[0, 511\] \(vocab_size=512\)"):
         src[1]
-    with pytest.raises(ValueError, match=r"token id 700"):
+    with pytest.raises(ValueError, match=r"v\.npy: document 1 holds token id 700"):
         src.gather([0, 1], [0, 0], [3, 3])
     with pytest.raises(ValueError, match=r"eos_token_id=600 cannot occur in .*v\.npy: its ids are uint16 in \[0, 511\]"):
         open_token_files(path, dtype="uint16", eos_token_id=600, vocab_size=512)
     with pytest.raises(ValueError, match=r"eos_token_id=70000 cannot occur .* uint16 in \[0, 65535\]"):
         open_token_files(path, dtype="uint16", eos_token_id=70000)
     idx, _ = write_megatron(tmp_path / "n", [[5, -3, 2]], "int16")
-    with pytest.raises(ValueError, match=r"n\.bin: document 0 hold\(s\) token id -3, outside \[0, 32767\]"):
+    with pytest.raises(ValueError, match=r"n\.bin: document 0 holds token id -3, outside \[0, 32767\]"):
         open_token_files(idx)[0]
     wide = write_numpy(tmp_path / "w.npy", [np.array([2**63 + 5, EOS], dtype=np.uint64)], "uint64")
     with pytest.raises(ValueError, match=r"token id 9223372036854775813, outside \[0, 9223372036854775807\]"):
@@ -288,6 +288,10 @@ def test_argument_errors(tmp_path):
         src.tokens(1)
     with pytest.raises(IndexError, match=r"tokens \[1, 3\) outside document 0 of 2"):
         src.tokens(0, 1, 2)
+    for bad in (([-1], [0], [1]), ([0], [-1], [1]), ([0], [0], [-1]), ([0], [1], [2])):
+        with pytest.raises(IndexError, match=r"outside document"):
+            src.gather(*bad)
+    assert src.gather([0, 0], [1, 0], [1, 2]).tolist() == [0, 3, 0]
     state = pickle.dumps(src)
     write_numpy(path, [[3, 4, EOS]], "uint16")  # the file changes under a pickled source
     with pytest.raises(ValueError, match=r"a\.npy changed since it was opened \(size 4 -> 6 bytes\)"):

@@ -1,17 +1,19 @@
 """Bugs that mutation testing planted and the other tests missed (``python tests/mutation.py``).
 
-Each test here fails on one of them: CP-aware packing that pads an aligned document, and a shard
-of an empty sequence padded with zeros instead of the pad value. (The others are caught where
+Each test here fails on one of them: CP-aware packing that pads an aligned document, a shard of
+an empty sequence padded with zeros instead of the pad value, and ``unshard`` accepting plans that
+cover a position twice. (The others are caught where
 they live: attention tolerances in ``test_attention_dist.py``, the DP x CP checks and mesh ranks
 in ``test_dp_cp.py``.)
 """
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cp_data import PAD, ShardPlan
+from cp_data import PAD, ShardPlan, unshard
 from cp_data.packing import PackingConfig, plan_packing
 
 
@@ -42,3 +44,11 @@ def test_padding_a_shard_of_an_empty_sequence_writes_the_pad_value():
     plan = ShardPlan.from_index(torch.tensor([PAD, PAD, PAD]), 0, 0, 1)
     assert plan.shard(torch.zeros(2, 0, dtype=torch.int64), 1, -7).tolist() == [[-7] * 3] * 2
     assert plan.shard(torch.zeros(0, 2), 0, 0.5).tolist() == [[0.5, 0.5]] * 3
+
+
+def test_unshard_rejects_plans_that_cover_a_position_twice():
+    # Every position is covered, one of them by both ranks: the plans cannot come from a balancer.
+    plans = [ShardPlan.from_index(torch.tensor(i), 4, r, 2) for r, i in enumerate([[0, 1, 2], [2, 3, PAD]])]
+    shards = [plan.shard(torch.arange(4) * 10, 0, -1) for plan in plans]
+    with pytest.raises(ValueError, match=r"exactly once \(e.g. positions \[2\]\)"):
+        unshard(shards, plans, 0)

@@ -144,18 +144,20 @@ class DocumentSource:
             raise IndexError(f"document {doc} out of range for a source of {len(self)} documents")
         return bisect.bisect_right(self._first_doc, doc) - 1
 
-    def _check_ids(self, tokens: np.ndarray, k: int, docs) -> None:
-        """Raise ``ValueError`` for ids of file ``k`` outside what its dtype or the vocab allow."""
+    def _first_bad_id(self, tokens: np.ndarray, k: int) -> Optional[int]:
+        """Index of the first id of file ``k`` outside what its dtype or the vocab allow, or None."""
         limit = self._limits[k]
         if limit is None or not tokens.size:
-            return
+            return None
         lo, hi = limit
-        if tokens.max() > hi or (lo is not None and tokens.min() < lo):
-            bad = tokens[(tokens > hi) | (tokens < (lo or 0))][0]
-            vocab = "" if self.vocab_size is None else f" (vocab_size={self.vocab_size})"
-            raise ValueError(
-                f"{self.files[k].path}: {docs} hold(s) token id {bad}, outside [{lo or 0}, {hi}]{vocab}"
-            )
+        if tokens.max() <= hi and (lo is None or tokens.min() >= lo):
+            return None
+        return int(np.flatnonzero((tokens > hi) | (tokens < (lo or 0)))[0])
+
+    def _bad_id(self, k: int, doc: int, value) -> ValueError:
+        lo, hi = self._limits[k]
+        vocab = "" if self.vocab_size is None else f" (vocab_size={self.vocab_size})"
+        return ValueError(f"{self.files[k].path}: document {doc} holds token id {value}, outside [{lo or 0}, {hi}]{vocab}")
 
     def tokens(self, doc: int, start: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Tokens ``[start, start + length)`` of document ``doc`` (a view, not a copy)."""
@@ -167,7 +169,9 @@ class DocumentSource:
             raise IndexError(f"tokens [{start}, {start + length}) outside document {doc} of {end - begin}")
         lo = begin - self._bases[k] + start
         view = self._arrays[k][lo : lo + length]
-        self._check_ids(view, k, f"document {doc}")
+        bad = self._first_bad_id(view, k)
+        if bad is not None:
+            raise self._bad_id(k, doc, view[bad])
         return view
 
     def gather(self, docs, starts, lengths) -> np.ndarray:
@@ -179,26 +183,29 @@ class DocumentSource:
         docs, starts, lengths = (np.asarray(x, dtype=np.int64) for x in (docs, starts, lengths))
         if not docs.size:
             return np.zeros(0, dtype=np.int64)
-        if docs.min() < 0:
-            raise IndexError(f"negative document id {docs.min()}")
+        ends = self.offsets[docs + 1]  # numpy raises IndexError for documents past the end
         first = self.offsets[docs] + starts
-        outside = (first + lengths > self.offsets[docs + 1]) | (starts < 0) | (lengths < 0)
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
+        room = ends - first - lengths  # < 0 when a piece runs past its document's end
+        if (docs | starts | lengths | room).min() < 0:  # any negative: one reduction, not four
+            i = int(np.flatnonzero((docs < 0) | (starts < 0) | (lengths < 0) | (room < 0))[0])
             raise IndexError(f"tokens [{starts[i]}, {starts[i] + lengths[i]}) outside document {docs[i]}")
-        run = np.cumsum(lengths)
-        positions = np.repeat(first - run + lengths, lengths) + np.arange(run[-1])
+        run_ends = np.cumsum(lengths)
+        positions = np.repeat(first - run_ends + lengths, lengths) + np.arange(run_ends[-1])
         if len(self.files) == 1:
             out = self._arrays[0].take(positions)
-            self._check_ids(out, 0, f"documents {docs.tolist()}")
+            bad = self._first_bad_id(out, 0)
+            if bad is not None:
+                raise self._bad_id(0, docs[np.searchsorted(run_ends, bad, "right")], out[bad])
             return out
         files = np.searchsorted(self._first_doc_array, docs, side="right") - 1
         out = np.empty(positions.size, dtype=np.int64)
         token_file = np.repeat(files, lengths)
         for k in np.unique(files).tolist():
-            mask = token_file == k
-            out[mask] = self._arrays[k].take(positions[mask] - self._bases[k])
-            self._check_ids(out[mask], k, f"documents {docs[files == k].tolist()}")
+            where = np.flatnonzero(token_file == k)
+            out[where] = self._arrays[k].take(positions[where] - self._bases[k])
+            bad = self._first_bad_id(out[where], k)
+            if bad is not None:
+                raise self._bad_id(k, docs[np.searchsorted(run_ends, where[bad], "right")], out[where[bad]])
         return out
 
     def __getitem__(self, doc: int) -> np.ndarray:
