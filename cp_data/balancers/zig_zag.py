@@ -20,21 +20,21 @@ def zig_zag_index(
     ``r`` and ``2W-1-r`` of every document, in document order. The local boundaries
     (``[n + 1]``, from 0) are the padded global ones divided by W.
     """
-    num_chunks = 2 * cp_world_size
-    # Two segments per document: the rank's chunk from the front, then its mirror from the back.
-    seg_start = np.empty((len(chunk), 2), dtype=np.int64)
-    np.multiply(chunk, cp_rank, out=seg_start[:, 0])
-    np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 1])
-    seg_start += starts[:, None]
-    seg_len = np.repeat(chunk, 2)
-    seg_end = np.cumsum(seg_len)
-    gather = np.repeat(seg_start.ravel() - seg_end + seg_len, seg_len)
-    gather += np.arange(len(gather))
+    # Few numpy calls on whole arrays: their per-call cost dominates at typical sizes.
+    n = len(chunk)
+    local_cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(chunk, out=local_cu[1:])
+    local_cu *= 2
+    # Source minus shard position along each segment: the front chunk, then its mirror.
+    base = starts - local_cu[:-1]
+    offset = np.empty((n, 2), dtype=np.int64)
+    np.add(base, cp_rank * chunk, out=offset[:, 0])
+    np.add(base, (2 * cp_world_size - 2 - cp_rank) * chunk, out=offset[:, 1])
+    gather = np.repeat(offset.ravel(), np.repeat(chunk, 2))
+    gather += np.arange(gather.size)
     # Positions past their document's end are that document's padding.
     pad_positions = np.flatnonzero(gather >= np.repeat(starts + lengths, 2 * chunk))
     gather[pad_positions] = 0
-    local_cu = np.zeros(len(chunk) + 1, dtype=np.int64)
-    local_cu[1:] = seg_end[1::2]
     return gather, pad_positions, local_cu
 
 
@@ -70,7 +70,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
 
         cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
         final_multiple = check_length_multiple(length_multiple)
-        chunk = -(-lengths // num_chunks)
+        chunk = (lengths + (num_chunks - 1)) // num_chunks
         gather, pads, local_cu = zig_zag_index(cu[:-1], lengths, chunk, self.cp_rank, self.cp_world_size)
         max_doc_len = 2 * int(chunk.max()) if len(chunk) else 0
         if final_multiple is not None:
