@@ -21,7 +21,8 @@ class ShardPlan:
 
     A plan is a gather index into the original (unpadded) sequence plus the shard positions that
     hold padding. Applying it is one ``index_select`` along the sequence dimension (and a fill of
-    the padding), so every input of a batch is sharded with the same plan.
+    the padding), so every input of a batch is sharded with the same plan. Plans that read one
+    contiguous range (llama3, ulysses) are :class:`SlicePlan` objects, applied as a slice.
     """
 
     gather_index: torch.Tensor
@@ -71,12 +72,20 @@ class ShardPlan:
         return self.cp_world_size * self.local_len - self.seq_len
 
     def shard(
-        self, x: torch.Tensor, seq_dim: int, pad_value: int | float | None = None, *, name: str = "input"
+        self,
+        x: torch.Tensor,
+        seq_dim: int,
+        pad_value: int | float | None = None,
+        *,
+        name: str = "input",
+        copy: bool = False,
     ) -> torch.Tensor:
         """This rank's shard of ``x`` along ``seq_dim``, with ``pad_value`` written into padding.
 
-        ``x`` is never modified. The shard is a new tensor, except for a :class:`SlicePlan`
-        without padding: then it is a view of ``x`` whenever that slice is contiguous in memory.
+        ``x`` is never modified. The shard is a new contiguous tensor, except for a
+        :class:`SlicePlan` without padding: there it is a view of ``x`` whenever that slice is
+        contiguous in memory, so writing into the shard writes into ``x``. ``copy=True`` always
+        returns a new tensor (e.g. when ``x`` is a temporary that the view would keep alive whole).
         """
         shape = x.shape
         in_range = type(seq_dim) is int and 0 <= seq_dim < len(shape)  # skip the checks of the usual case
@@ -92,10 +101,10 @@ class ShardPlan:
                 f"a sequence of length {self.seq_len} needs {self.group_padding} padding positions "
                 f"over {self.cp_world_size} ranks, but {name} has no pad value"
             )
-        return self._take(x, dim, pad_value)
+        return self._take(x, dim, pad_value, copy)
 
-    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None) -> torch.Tensor:
-        """Apply the plan to ``x`` along ``dim`` (both already checked)."""
+    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None, copy: bool) -> torch.Tensor:
+        """Apply the plan to ``x`` along ``dim`` (both already checked); a gather always copies."""
         gather, pads = self.gather_index, self.pad_positions
         if not x.is_cpu:
             gather, pads = gather.to(x.device), pads.to(x.device)
@@ -117,11 +126,13 @@ class ShardPlan:
         inputs: Sequence[torch.Tensor],
         seq_dims: Sequence[int],
         pad_values: Sequence[int | float | None] | None = None,
+        *,
+        copy: bool = False,
     ) -> list[torch.Tensor]:
         """:meth:`shard` every input with its own ``seq_dim`` and pad value."""
         pads = list(pad_values) if pad_values is not None else [None] * len(inputs)
         return [
-            self.shard(x, d, p, name=f"inputs[{i}]")
+            self.shard(x, d, p, name=f"inputs[{i}]", copy=copy)
             for i, (x, d, p) in enumerate(zip(inputs, seq_dims, pads))
         ]
 
@@ -191,9 +202,10 @@ class SlicePlan(ShardPlan):
     def num_padding(self) -> int:
         return self._local_len - self.real
 
-    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None) -> torch.Tensor:
+    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None, copy: bool) -> torch.Tensor:
         if self.real == self._local_len:
-            return x.narrow(dim, self.start, self.real).contiguous()
+            view = x.narrow(dim, self.start, self.real)
+            return view.clone(memory_format=torch.contiguous_format) if copy else view.contiguous()
         shape = list(x.shape)
         shape[dim] = self._local_len
         out = x.new_empty(shape)
