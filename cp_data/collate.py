@@ -255,10 +255,12 @@ class ContextParallelCollator:
         """The batch of rank ``cp_rank`` (keys in the class docstring) for a list of B packed instances."""
         full = self.full_batch(instances)
         plan = self._plan(full.input_ids.shape[-1], full.cu_doc_lens)
+        # copy: a view would keep the whole B·S row alive and go whole to DataLoader workers' peers.
         input_ids, labels, positions = plan.shard_all(
             [full.input_ids, full.labels, full.position_ids],
             seq_dims=[-1, -1, -1],
             pad_values=[self.pad_token_id, IGNORE_INDEX, 0],
+            copy=True,
         )
         if self.document_masking:
             input_ids, labels, positions = input_ids[None], labels[None], positions[None]

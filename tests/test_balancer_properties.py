@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cp_data import RingAttentionLoadBalancerType, llama3_cu_seqlens, unshard
+from cp_data import RingAttentionLoadBalancerType, ShardPlan, llama3_cu_seqlens, unshard
 from hypothesis_profiles import many_examples
 
 KINDS = [k.value for k in RingAttentionLoadBalancerType]
@@ -222,3 +222,51 @@ def test_llama3_metadata_matches_ring_flash_attn_definition(lengths, W, dtype):
         for key in expected:
             value = got[key]
             assert torch.equal(value, expected[key]) if isinstance(value, torch.Tensor) else value == expected[key]
+
+
+def shares_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["llama3", "ulysses"])
+@settings(max_examples=300)
+@given(case=cases(), by_document=st.booleans())
+def test_contiguous_shards_are_views_exactly_where_they_hold_no_padding(kind, case, by_document):
+    """A llama3/ulysses shard is a view of the input where that is possible, else a copy; values
+    always equal the gather path, the result is contiguous, and the input is never modified."""
+    W, cu, seq_dim, pad = case["W"], case["cu"], case["seq_dim"], case["pad"]
+    n, dim = cu[-1], seq_dim % case["ndim"]
+    by_document = by_document or kind == "llama3"  # llama3 has no batch_shard
+    multiple = None if case["multiple_factor"] is None else case["multiple_factor"] * (W if kind == "ulysses" else 1)
+    x = make_input(n, case["ndim"], dim)
+    original = x.clone()
+    cu_t = torch.tensor(cu, dtype=case["cu_dtype"]) if by_document else None
+    bal = RingAttentionLoadBalancerType.parse(kind).create(cp_rank=0, cp_world_size=W)
+    for r in range(W):
+        rank = bal.for_rank(r)
+        kwargs = dict(inputs=[x], seq_dims=[seq_dim], pad_values=[pad], length_multiple=multiple)
+        out = rank.batch_shard_by_document(cu_doc_lens=cu_t, **kwargs)[0][0] if by_document else rank.batch_shard(**kwargs)[0]
+        plan = rank.plan(n, cu_t, length_multiple=multiple)
+        assert torch.equal(out, ShardPlan.from_index(plan.index, n, r, W).shard(x, seq_dim, pad))
+        assert out.is_contiguous()
+        # A slice of a contiguous tensor is contiguous when every dim before it has size 1 or the
+        # slice is the whole dim.
+        local = out.shape[dim]
+        slice_is_contiguous = int(np.prod(x.shape[:dim])) == 1 or local == n
+        if local:
+            assert shares_memory(out, x) == (plan.num_padding == 0 and slice_is_contiguous)
+        copied = plan.shard(x, seq_dim, pad, copy=True)
+        assert torch.equal(copied, out) and (not local or not shares_memory(copied, x))
+    assert torch.equal(x, original)
+
+
+@settings(max_examples=200)
+@given(case=cases())
+def test_sharding_never_modifies_inputs(case):
+    W, cu, seq_dim = case["W"], case["cu"], case["seq_dim"]
+    x = make_input(cu[-1], case["ndim"], seq_dim % case["ndim"])
+    cu_t = torch.tensor(cu, dtype=case["cu_dtype"])
+    x_before, cu_before = x.clone(), cu_t.clone()
+    for kind in KINDS:
+        shard_all_ranks(kind, W, inputs=[x], seq_dims=[seq_dim], cu_doc_lens=cu_t, pad_values=[case["pad"]])
+        assert torch.equal(x, x_before) and torch.equal(cu_t, cu_before), kind

@@ -118,6 +118,8 @@ def test_matches_reference_on_every_rank_and_is_lossless(case, pad_token_id):
         expected["idx"] = torch.arange(len(instances))
         assert_batches_equal(got, expected)
         assert got["input_ids"].shape[0] == (1 if masking else len(instances))
+        for key in SPEC_KEYS:  # never a view that keeps the whole flattened row alive
+            assert got[key].untyped_storage().nbytes() == got[key].numel() * got[key].element_size(), key
         for key in ("cu_doc_lens", "cu_doc_lens_q", "cu_doc_lens_k"):
             assert key not in got or got[key].dtype == torch.int32
         shards.append(got)

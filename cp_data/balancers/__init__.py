@@ -3,7 +3,7 @@
 from .base import RingAttentionLoadBalancer
 from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
 from .ordering import llama3_balanced_order, llama3_rank_work
-from .plan import PAD, ShardPlan, unshard
+from .plan import PAD, ShardPlan, SlicePlan, unshard
 from .types import (
     METADATA_KEYS,
     RingAttentionLoadBalancerType,
@@ -23,6 +23,7 @@ __all__ = [
     "RingAttentionZigZagLoadBalancer",
     "RingContextParallelStyle",
     "ShardPlan",
+    "SlicePlan",
     "ShardingError",
     "UlyssesContextParallelStyle",
     "UlyssesLoadBalancer",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .base import RingAttentionLoadBalancer
-from .plan import ShardPlan, contiguous_plan
+from .plan import ShardPlan, SlicePlan
 from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
 
 
@@ -34,22 +34,20 @@ def _llama3_metadata(cu: np.ndarray, like: torch.Tensor, cp_rank: int, cp_world_
         raise ValueError(f"total length {total} is not a multiple of cp_world_size {cp_world_size}")
     local_len = total // cp_world_size
     slice_start, slice_end = cp_rank * local_len, (cp_rank + 1) * local_len
-    left = int(np.searchsorted(cu, slice_start, side="left"))
-    right = int(np.searchsorted(cu, slice_end, side="left"))
+    left, right = cu.searchsorted((slice_start, slice_end), side="left").tolist()
     if cu[left] != slice_start:
         left -= 1
     window = cu[left : right + 1]
     cu_q = window - slice_start
     cu_q[0], cu_q[-1] = 0, local_len
-    cu_k = window.copy()
-    cu_k[-1] = slice_end
     k_start = int(window[0])
-    cu_k -= k_start
+    cu_k = window - k_start
+    cu_k[-1] = slice_end - k_start
     return dict(
         cu_doc_lens_q=metadata_tensor(cu_q, like),
         cu_doc_lens_k=metadata_tensor(cu_k, like),
-        max_doc_len_q=int(np.diff(cu_q).max()),
-        max_doc_len_k=int(np.diff(cu_k).max()),
+        max_doc_len_q=int((cu_q[1:] - cu_q[:-1]).max()),
+        max_doc_len_k=int((cu_k[1:] - cu_k[:-1]).max()),
         local_k_slice=slice(k_start, slice_end),
     )
 
@@ -82,4 +80,4 @@ class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
         metadata = (
             _llama3_metadata(cu, cu_doc_lens, self.cp_rank, self.cp_world_size) if padded_len else {}
         )
-        return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)
+        return SlicePlan.of_rank(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)

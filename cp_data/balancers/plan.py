@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,7 +21,8 @@ class ShardPlan:
 
     A plan is a gather index into the original (unpadded) sequence plus the shard positions that
     hold padding. Applying it is one ``index_select`` along the sequence dimension (and a fill of
-    the padding), so every input of a batch is sharded with the same plan.
+    the padding), so every input of a batch is sharded with the same plan. Plans that read one
+    contiguous range (llama3, ulysses) are :class:`SlicePlan` objects, applied as a slice.
     """
 
     gather_index: torch.Tensor
@@ -70,9 +72,21 @@ class ShardPlan:
         return self.cp_world_size * self.local_len - self.seq_len
 
     def shard(
-        self, x: torch.Tensor, seq_dim: int, pad_value: int | float | None = None, *, name: str = "input"
+        self,
+        x: torch.Tensor,
+        seq_dim: int,
+        pad_value: int | float | None = None,
+        *,
+        name: str = "input",
+        copy: bool = False,
     ) -> torch.Tensor:
-        """Gather this rank's shard of ``x`` along ``seq_dim``, writing ``pad_value`` into padding."""
+        """This rank's shard of ``x`` along ``seq_dim``, with ``pad_value`` written into padding.
+
+        ``x`` is never modified. The shard is a new contiguous tensor, except for a
+        :class:`SlicePlan` without padding: there it is a view of ``x`` whenever that slice is
+        contiguous in memory, so writing into the shard writes into ``x``. ``copy=True`` always
+        returns a new tensor (e.g. when ``x`` is a temporary that the view would keep alive whole).
+        """
         shape = x.shape
         in_range = type(seq_dim) is int and 0 <= seq_dim < len(shape)  # skip the checks of the usual case
         dim = seq_dim if in_range else normalize_dim(seq_dim, len(shape))
@@ -87,38 +101,38 @@ class ShardPlan:
                 f"a sequence of length {self.seq_len} needs {self.group_padding} padding positions "
                 f"over {self.cp_world_size} ranks, but {name} has no pad value"
             )
+        return self._take(x, dim, pad_value, copy)
+
+    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None, copy: bool) -> torch.Tensor:
+        """Apply the plan to ``x`` along ``dim`` (both already checked); a gather always copies."""
         gather, pads = self.gather_index, self.pad_positions
         if not x.is_cpu:
             gather, pads = gather.to(x.device), pads.to(x.device)
-        if dim and shape[:dim].numel() == 1:
-            # Leading size-1 dims (the usual [1, N] batch) make index_select on dim > 0 ~2x slower.
-            out = self._gather(x.flatten(0, dim), 0, gather, pads, pad_value)
-            for _ in range(dim):
-                out = out.unsqueeze(0)
-            return out
-        return self._gather(x, dim, gather, pads, pad_value)
-
-    def _gather(
-        self, x: torch.Tensor, dim: int, gather: torch.Tensor, pads: torch.Tensor, pad_value: int | float | None
-    ) -> torch.Tensor:
-        if not len(pads):
-            return x.index_select(dim, gather)
-        if self.seq_len == 0:
+        if len(pads) and self.seq_len == 0:
             shape = list(x.shape)
             shape[dim] = self.local_len
             return torch.full(shape, pad_value, dtype=x.dtype, device=x.device)
-        return x.index_select(dim, gather).index_fill_(dim, pads, pad_value)
+        # Leading size-1 dims (the usual [1, N] batch) make index_select on dim > 0 ~2x slower.
+        lead = dim if dim and x.shape[:dim].numel() == 1 else 0
+        out = (x.flatten(0, dim) if lead else x).index_select(dim - lead, gather)
+        if len(pads):
+            out.index_fill_(dim - lead, pads, pad_value)
+        for _ in range(lead):
+            out = out.unsqueeze(0)
+        return out
 
     def shard_all(
         self,
         inputs: Sequence[torch.Tensor],
         seq_dims: Sequence[int],
         pad_values: Sequence[int | float | None] | None = None,
+        *,
+        copy: bool = False,
     ) -> list[torch.Tensor]:
         """:meth:`shard` every input with its own ``seq_dim`` and pad value."""
         pads = list(pad_values) if pad_values is not None else [None] * len(inputs)
         return [
-            self.shard(x, d, p, name=f"inputs[{i}]")
+            self.shard(x, d, p, name=f"inputs[{i}]", copy=copy)
             for i, (x, d, p) in enumerate(zip(inputs, seq_dims, pads))
         ]
 
@@ -138,17 +152,67 @@ def pad_to_multiple(
     return torch.cat([x, x.new_full(shape, value)], dim=dim), padding
 
 
-def contiguous_plan(
-    seq_len: int, padded_len: int, cp_rank: int, cp_world_size: int, metadata: dict[str, Any] | None = None
-) -> ShardPlan:
-    """Rank ``cp_rank``'s contiguous slice of a sequence padded at its end to ``padded_len``."""
-    local_len = padded_len // cp_world_size
-    start = cp_rank * local_len
-    real = min(max(seq_len - start, 0), local_len)
-    gather = torch.arange(start, start + local_len, dtype=torch.int64)
-    gather[real:] = 0
-    pad_positions = torch.arange(real, local_len, dtype=torch.int64)
-    return ShardPlan(gather, pad_positions, seq_len, cp_rank, cp_world_size, metadata or {})
+class SlicePlan(ShardPlan):
+    """A plan that reads one contiguous range: ``[start, start + real)`` of the input, then padding.
+
+    llama3 and ulysses shards are such slices. Applying the plan is a slice, not a gather: on a
+    rank without padding the shard is a view of the input (when that range is contiguous in
+    memory), so it shares memory with the input; on the rank holding the final padding it is one
+    copy of the range plus a fill. The gather index is only built when asked for.
+    """
+
+    def __init__(
+        self, start: int, real: int, local_len: int, seq_len: int, cp_rank: int, cp_world_size: int,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.start, self.real, self._local_len = start, real, local_len
+        self.seq_len, self.cp_rank, self.cp_world_size = seq_len, cp_rank, cp_world_size
+        self.metadata = metadata or {}
+
+    @classmethod
+    def of_rank(
+        cls, seq_len: int, padded_len: int, cp_rank: int, cp_world_size: int, metadata: dict[str, Any] | None = None
+    ) -> "SlicePlan":
+        """Rank ``cp_rank``'s slice of a sequence padded at its end to ``padded_len``."""
+        local_len = padded_len // cp_world_size
+        start = cp_rank * local_len
+        return cls(start, min(max(seq_len - start, 0), local_len), local_len, seq_len, cp_rank, cp_world_size, metadata)
+
+    def __repr__(self) -> str:
+        return (
+            f"SlicePlan(start={self.start}, real={self.real}, local_len={self._local_len}, "
+            f"seq_len={self.seq_len}, cp_rank={self.cp_rank}, cp_world_size={self.cp_world_size})"
+        )
+
+    @functools.cached_property
+    def gather_index(self) -> torch.Tensor:  # type: ignore[override]
+        gather = torch.zeros(self._local_len, dtype=torch.int64)
+        torch.arange(self.start, self.start + self.real, out=gather[: self.real])
+        return gather
+
+    @functools.cached_property
+    def pad_positions(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.arange(self.real, self._local_len, dtype=torch.int64)
+
+    @property
+    def local_len(self) -> int:
+        return self._local_len
+
+    @property
+    def num_padding(self) -> int:
+        return self._local_len - self.real
+
+    def _take(self, x: torch.Tensor, dim: int, pad_value: int | float | None, copy: bool) -> torch.Tensor:
+        if self.real == self._local_len:
+            view = x.narrow(dim, self.start, self.real)
+            return view.clone(memory_format=torch.contiguous_format) if copy else view.contiguous()
+        shape = list(x.shape)
+        shape[dim] = self._local_len
+        out = x.new_empty(shape)
+        if self.real:  # a rank past the end of the sequence holds only padding
+            out.narrow(dim, 0, self.real).copy_(x.narrow(dim, self.start, self.real))
+        out.narrow(dim, self.real, self._local_len - self.real).fill_(pad_value)
+        return out
 
 
 def unshard(shards: Sequence[torch.Tensor], plans: Sequence[ShardPlan], seq_dim: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .base import RingAttentionLoadBalancer
-from .plan import ShardPlan, contiguous_plan, pad_to_multiple
+from .plan import ShardPlan, SlicePlan, pad_to_multiple
 from .validation import check_cu_doc_lens, check_length_multiple, metadata_tensor, round_up
 
 
@@ -30,7 +30,7 @@ class UlyssesLoadBalancer(RingAttentionLoadBalancer):
         )
         padded_len = round_up(seq_len, multiple)
         if cu_doc_lens is None:
-            return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size)
+            return SlicePlan.of_rank(seq_len, padded_len, self.cp_rank, self.cp_world_size)
         cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
         padding = padded_len - seq_len
         if padding:
@@ -39,7 +39,7 @@ class UlyssesLoadBalancer(RingAttentionLoadBalancer):
             cu_doc_lens=metadata_tensor(cu, cu_doc_lens),
             max_doc_len=max(int(lengths.max()) if len(lengths) else 0, padding),
         )
-        return contiguous_plan(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)
+        return SlicePlan.of_rank(seq_len, padded_len, self.cp_rank, self.cp_world_size, metadata)
 
     def pad(
         self,

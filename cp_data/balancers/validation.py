@@ -57,7 +57,8 @@ def check_inputs(
     for i, (x, seq_dim) in enumerate(zip(inputs, seq_dims)):
         if not isinstance(x, torch.Tensor):
             raise ShardingError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
-        dim = normalize_dim(seq_dim, x.ndim, what=f"seq_dims[{i}]")
+        in_range = type(seq_dim) is int and 0 <= seq_dim < x.ndim  # skip the checks of the usual case
+        dim = seq_dim if in_range else normalize_dim(seq_dim, x.ndim, what=f"seq_dims[{i}]")
         dims.append(dim)
         lengths.append(x.shape[dim])
     if len(set(lengths)) > 1:

@@ -11,30 +11,31 @@ from .validation import check_cu_doc_lens, check_length_multiple, metadata_tenso
 
 
 def zig_zag_index(
-    starts: np.ndarray, lengths: np.ndarray, chunk: np.ndarray, cp_rank: int, cp_world_size: int
+    cu: np.ndarray, chunk: np.ndarray, cp_rank: int, cp_world_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank ``cp_rank``'s zig-zag gather index, its padding positions and local boundaries.
 
-    Document ``i`` occupies ``[starts[i], starts[i] + lengths[i])`` and is padded at its end to
-    ``2W * chunk[i]`` tokens, then cut into 2W chunks of ``chunk[i]``; the shard holds chunks
-    ``r`` and ``2W-1-r`` of every document, in document order. The local boundaries
-    (``[n + 1]``, from 0) are the padded global ones divided by W.
+    Document ``i`` occupies ``[cu[i], cu[i + 1])`` and is padded at its end to ``2W * chunk[i]``
+    tokens, then cut into 2W chunks of ``chunk[i]``; the shard holds chunks ``r`` and ``2W-1-r`` of
+    every document, in document order. The local boundaries (``[n + 1]``, from 0) are the padded
+    global ones divided by W.
     """
-    num_chunks = 2 * cp_world_size
-    # Two segments per document: the rank's chunk from the front, then its mirror from the back.
-    seg_start = np.empty((len(chunk), 2), dtype=np.int64)
-    np.multiply(chunk, cp_rank, out=seg_start[:, 0])
-    np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 1])
-    seg_start += starts[:, None]
-    seg_len = np.repeat(chunk, 2)
-    seg_end = np.cumsum(seg_len)
-    gather = np.repeat(seg_start.ravel() - seg_end + seg_len, seg_len)
-    gather += np.arange(len(gather))
+    # Few numpy calls on whole arrays: their per-call cost dominates at typical sizes.
+    n = len(chunk)
+    held = 2 * chunk  # positions of each document on the rank
+    local_cu = np.empty(n + 1, dtype=np.int64)
+    local_cu[0] = 0
+    np.cumsum(held, out=local_cu[1:])
+    # Source minus shard position along each segment: the front chunk, then its mirror.
+    base = cu[:-1] - local_cu[:-1]
+    offset = np.empty((n, 2), dtype=np.int64)
+    np.add(base, cp_rank * chunk, out=offset[:, 0])
+    np.add(base, (2 * cp_world_size - 2 - cp_rank) * chunk, out=offset[:, 1])
+    gather = np.repeat(offset.ravel(), np.repeat(chunk, 2))
+    gather += np.arange(gather.size)
     # Positions past their document's end are that document's padding.
-    pad_positions = np.flatnonzero(gather >= np.repeat(starts + lengths, 2 * chunk))
+    pad_positions = np.flatnonzero(gather >= np.repeat(cu[1:], held))
     gather[pad_positions] = 0
-    local_cu = np.zeros(len(chunk) + 1, dtype=np.int64)
-    local_cu[1:] = seg_end[1::2]
     return gather, pad_positions, local_cu
 
 
@@ -60,8 +61,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
         if cu_doc_lens is None:
             multiple = check_length_multiple(length_multiple, num_chunks, "2 x CP degree") or num_chunks
             gather, pads, _ = zig_zag_index(
-                np.zeros(1, dtype=np.int64),
-                np.array([seq_len], dtype=np.int64),
+                np.array([0, seq_len], dtype=np.int64),
                 np.array([round_up(seq_len, multiple) // num_chunks], dtype=np.int64),
                 self.cp_rank,
                 self.cp_world_size,
@@ -70,8 +70,8 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
 
         cu, lengths = check_cu_doc_lens(cu_doc_lens, seq_len)
         final_multiple = check_length_multiple(length_multiple)
-        chunk = -(-lengths // num_chunks)
-        gather, pads, local_cu = zig_zag_index(cu[:-1], lengths, chunk, self.cp_rank, self.cp_world_size)
+        chunk = (lengths + (num_chunks - 1)) // num_chunks
+        gather, pads, local_cu = zig_zag_index(cu, chunk, self.cp_rank, self.cp_world_size)
         max_doc_len = 2 * int(chunk.max()) if len(chunk) else 0
         if final_multiple is not None:
             # Upstream appends the end padding as one more document, even when it is empty.
