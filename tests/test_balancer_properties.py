@@ -229,7 +229,7 @@ def shares_memory(a, b):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "ulysses"])
-@settings(max_examples=300)
+@many_examples
 @given(case=cases(), by_document=st.booleans())
 def test_contiguous_shards_are_views_exactly_where_they_hold_no_padding(kind, case, by_document):
     """A llama3/ulysses shard is a view of the input where that is possible, else a copy; values
@@ -260,7 +260,7 @@ def test_contiguous_shards_are_views_exactly_where_they_hold_no_padding(kind, ca
     assert torch.equal(x, original)
 
 
-@settings(max_examples=200)
+@many_examples
 @given(case=cases())
 def test_sharding_never_modifies_inputs(case):
     W, cu, seq_dim = case["W"], case["cu"], case["seq_dim"]
