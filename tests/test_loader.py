@@ -41,34 +41,41 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
+def flat(sampler):
+    """One pass of a batch sampler, its steps' indices end to end."""
+    return [i for step in sampler for i in step]
+
+
 @given(st.integers(0, 40), st.integers(1, 5), st.booleans(), st.booleans(), st.integers(0, 3))
 def test_sampler_splits_every_epoch_across_dp_ranks(n, world, shuffle, drop_last, epoch):
+    # batch_size=1: each rank's indices are those of torch's DistributedSampler split
     samplers = [DataParallelSampler(n, dp_rank=r, dp_world_size=world, shuffle=shuffle, drop_last=drop_last)
                 for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
-    per_rank = [list(s) for s in samplers]
-    assert all(len(p) == len(samplers[0]) for p in per_rank)
-    flat = sum(per_rank, [])
+    per_rank = [flat(s) for s in samplers]
+    assert all(len(p) == len(samplers[0].order(epoch)) // world + (not drop_last and n % world > 0)
+               for p in per_rank)
+    both = sum(per_rank, [])
     if drop_last:
-        assert len(flat) == n - n % world and len(set(flat)) == len(flat)
+        assert len(both) == n - n % world and len(set(both)) == len(both)
     else:
-        assert set(flat) == set(range(n)) and len(flat) == -(-n // world) * world
+        assert set(both) == set(range(n)) and len(both) == -(-n // world) * world
     if not shuffle:
-        assert per_rank[0] == np.resize(np.arange(n), len(flat))[::world].tolist()
+        assert per_rank[0] == np.resize(np.arange(n), len(both))[::world].tolist()
     # the epoch advances by itself: the next pass is the next epoch's order
     again = DataParallelSampler(n, dp_rank=0, dp_world_size=world, shuffle=shuffle, drop_last=drop_last)
     again.set_epoch(epoch + 1)
-    assert list(samplers[0]) == list(again)
+    assert flat(samplers[0]) == flat(again)
 
 
 def test_sampler_shuffles_per_epoch_and_rejects_bad_state():
     s = DataParallelSampler(50, dp_rank=0, dp_world_size=1, seed=3)
-    first, second = list(s), list(s)
+    first, second = flat(s), flat(s)
     assert sorted(first) == sorted(second) == list(range(50)) and first != second
-    assert list(DataParallelSampler(50, dp_rank=0, dp_world_size=1, seed=3)) == first
-    with pytest.raises(ValueError, match="invalid DataParallelSampler state"):
-        s.load_state_dict({"epoch": 0, "yielded": 51})
+    assert flat(DataParallelSampler(50, dp_rank=0, dp_world_size=1, seed=3)) == first
+    with pytest.raises(ValueError, match=r"not a cp-data loader state of version 1 \(keys \['epoch', 'yielded'\]\)"):
+        s.load_state_dict({"epoch": 0, "yielded": 51})  # the per-rank state of cp-data 0.1
     with pytest.raises(ValueError, match=r"dp_rank must be in \[0, dp_world_size=2\), got 2"):
         DataParallelSampler(5, dp_rank=2, dp_world_size=2)
 
