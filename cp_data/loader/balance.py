@@ -116,7 +116,7 @@ def balanced_assignment(work: RowWork, dp: int, rows_per_rank: int, steps: int =
     out = np.empty((steps, dp, rows_per_rank), dtype=np.int64)
     for s, rows in enumerate(heaviest):
         members = _rounds(rows, work, dp)
-        if work.combine == "sum" and rows_per_rank > 1:
+        if work.combine == "sum" and rows_per_rank > 1 and dp > 1:
             members = _busiest_swaps(_pair_swaps(members, work.work), work.work)
         out[s] = members
     out.sort(axis=2)
