@@ -319,3 +319,12 @@ def test_packed_dataset_fingerprint_and_dp_balance_errors():
         ContextParallelLoaderConfig(batch_size=1, work_model="gpt")
     with pytest.raises(ValueError, match="lookahead must be an int >= 1, got 0"):
         ContextParallelLoaderConfig(batch_size=1, lookahead=0)
+
+
+@pytest.mark.parametrize("cp_multiple", [None, 4])
+def test_row_doc_lens_are_the_rows_doc_lens_without_building_rows(cp_multiple):
+    packed = packed_dataset(seq_len=24, cp_multiple=cp_multiple, n_docs=120)
+    lens, offsets = packed.row_doc_lens()
+    assert len(offsets) == len(packed) + 1
+    for i in range(len(packed)):
+        assert lens[offsets[i]:offsets[i + 1]].tolist() == packed[i]["doc_lens"].tolist()

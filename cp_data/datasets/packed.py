@@ -53,14 +53,8 @@ class PackedDataset(torch.utils.data.Dataset):
         return to_instance(self.row(int(i)))
 
     def row_doc_lens(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every row's ``doc_lens`` from the plan, without building rows: ``(doc_lens, row_offsets)``,
-        row ``i`` holding ``doc_lens[row_offsets[i]:row_offsets[i + 1]]`` (int64)."""
-        plan = self.plan
-        free = plan.seq_len - plan.row_used()  # the trailing padding document, where there is one
-        ends = plan.row_offsets[1:]
-        lens = np.insert(plan.length + plan.pad, ends[free > 0], free[free > 0])
-        offsets = np.concatenate([[0], ends + np.cumsum(free > 0)])
-        return lens.astype(np.int64), offsets.astype(np.int64)
+        """Every row's ``doc_lens`` without building rows (see :meth:`PackingPlan.row_doc_lens`)."""
+        return self.plan.row_doc_lens()
 
     def metrics(self) -> dict:
         """Rows, fill rate, padding fraction, documents split/truncated, empty documents skipped."""
