@@ -1,14 +1,21 @@
 """DP-balanced assignment: split a window of rows into steps x dp ranks x rows, evening out work.
 
 :func:`balanced_assignment` is a pure function of the rows' work: every rank computes the same
-assignment with no communication. Within a step, LPT with the cardinality constraint in rounds:
-the rows, heaviest first, form ``rows_per_rank`` rounds of ``dp`` rows and each round gives its
-heaviest row to the least loaded rank, one row per rank, so every rank ends with exactly
-``rows_per_rank`` rows. Two kinds of swaps then lower the busiest rank: all pairs of a busy and
-a light rank at once (the i-th busiest with the i-th lightest, the swap that brings both closest
-to their mean), then single swaps out of the busiest rank. Over a lookahead window of several
-steps the heaviest rows share steps (sorting the window and cutting it into steps minimises the
-sum of the steps' maxima when each rank holds one row), so every step holds rows of similar work.
+assignment with no communication. Its building block splits rows into groups of equal size as
+evenly as a heuristic can: LPT with the cardinality constraint in rounds (the rows, heaviest
+first, form rounds of one row per group, and each round gives its heaviest row to the least
+loaded group), then swaps that lower the busiest group: in all pairs of a busy and a light group
+at once (the i-th busiest with the i-th lightest, the swap that brings both closest to their
+mean), then single swaps out of the busiest group, until it is within 0.2% of
+:func:`least_busiest` (a bound no split beats).
+
+A window of several steps (lookahead) has two candidates, and the one whose steps' maxima sum
+lowest wins (the plain split too, so balancing never slows a window down):
+
+- the rows, heaviest first, cut into steps, each split across the ranks on its own: heavy rows
+  share steps (with one row per rank, the split that minimises the sum of the steps' maxima);
+- one group per (step, rank) for the whole window, the heaviest groups sharing a step: an
+  outlier row gets the window's lightest rows as company.
 
 Loops run over rounds, steps and swap passes, never over rows; the work is numpy.
 """
@@ -19,12 +26,33 @@ import numpy as np
 
 from cp_data.work import RowWork
 
-__all__ = ["balanced_assignment", "strided_assignment", "window_objective"]
+__all__ = ["balanced_assignment", "least_busiest", "strided_assignment", "window_objective"]
 
-_MAX_PASSES = 8
+_MAX_PASSES = 4
 """Rounds of pairwise swaps per step at most (each pass swaps in every pair of ranks at once)."""
-_MAX_SWAPS = 16
+_MAX_SWAPS = 8
 """Swaps out of the busiest rank per step at most, after the passes (each lowers the maximum)."""
+_PARTNERS = 8
+"""The busiest rank swaps with one of this many least busy ranks."""
+_CLOSE_ENOUGH = 2e-3
+"""Swapping stops once the busiest rank is within 0.2% of the least possible maximum."""
+
+
+def least_busiest(work: np.ndarray, rows_per_rank: int, ranks: int) -> float:
+    """A load no split of these rows into ``ranks`` groups of ``rows_per_rank`` can keep every group under.
+
+    The mean load; and for every ``c``, some group holds ``k = ceil(c / ranks)`` of the ``c``
+    heaviest rows, so at least the ``k`` lightest of them plus the ``rows_per_rank - k`` lightest
+    rows of all.
+    """
+    heaviest_first = np.sort(work)[::-1]
+    top = np.concatenate([[0.0], np.cumsum(heaviest_first)])
+    bottom = np.concatenate([[0.0], np.cumsum(heaviest_first[::-1])])
+    c = np.arange(1, work.size + 1)
+    k = -(-c // ranks)
+    c, k = c[k <= rows_per_rank], k[k <= rows_per_rank]
+    pigeonhole = top[c] - top[c - k] + bottom[rows_per_rank - k]
+    return float(max(work.sum() / ranks, pigeonhole.max(initial=0.0)))
 
 
 def strided_assignment(steps: int, dp: int, rows_per_rank: int) -> np.ndarray:
@@ -53,7 +81,7 @@ def _rounds(rows: np.ndarray, work: RowWork, dp: int) -> np.ndarray:
     return members
 
 
-def _pair_swaps(members: np.ndarray, work: np.ndarray) -> np.ndarray:
+def _pair_swaps(members: np.ndarray, work: np.ndarray, good: float) -> np.ndarray:
     """Pair the i-th busiest rank with the i-th least busy; in every pair at once, swap the two rows
     that bring both loads closest to their mean. Repeats while the busiest rank gets lighter."""
     members = members.copy()
@@ -63,7 +91,7 @@ def _pair_swaps(members: np.ndarray, work: np.ndarray) -> np.ndarray:
     for _ in range(_MAX_PASSES):
         values = work[members]
         loads = values.sum(axis=1)
-        if not loads.max() < top:
+        if not loads.max() < top or loads.max() <= good:
             break
         top = loads.max()
         by_load = np.argsort(-loads, kind="stable")
@@ -79,21 +107,34 @@ def _pair_swaps(members: np.ndarray, work: np.ndarray) -> np.ndarray:
     return members
 
 
-def _busiest_swaps(members: np.ndarray, work: np.ndarray) -> np.ndarray:
-    """Swap a row of the busiest rank with a row of any other rank while that lowers the maximum."""
+def _busiest_swaps(members: np.ndarray, work: np.ndarray, good: float) -> np.ndarray:
+    """Swap a row of the busiest rank with a row of one of the least busy ranks while that lowers
+    the maximum."""
     members = members.copy()
     for _ in range(_MAX_SWAPS):
         values = work[members]
         loads = values.sum(axis=1)
-        a = int(np.argmax(loads))
-        delta = values[a][:, None, None] - values[None, :, :]  # [row of a, rank b, row of b]
-        new_max = np.maximum(loads[a] - delta, loads[None, :, None] + delta)
-        new_max[:, a, :] = np.inf
+        by_load = np.argsort(loads, kind="stable")
+        a, partners = by_load[-1], by_load[: min(_PARTNERS, len(by_load) - 1)]
+        if loads[a] <= good:
+            break
+        delta = values[a][:, None, None] - values[partners][None, :, :]  # [row of a, partner, row of it]
+        new_max = np.maximum(loads[a] - delta, loads[partners][None, :, None] + delta)
         best = int(np.argmin(new_max))
         if not new_max.flat[best] < loads[a] * (1 - 1e-12):
             break
         i, b, j = np.unravel_index(best, new_max.shape)
+        b = partners[b]
         members[a, i], members[b, j] = members[b, j], members[a, i]
+    return members
+
+
+def _split(work: RowWork, rows: np.ndarray, groups: int) -> np.ndarray:
+    """Rows (heaviest first) split into ``groups`` groups of equal size, loads evened: [groups, size]."""
+    members = _rounds(rows, work, groups)
+    if work.combine == "sum" and members.shape[1] > 1 and groups > 1:
+        good = least_busiest(work.work[rows], members.shape[1], groups) * (1 + _CLOSE_ENOUGH)
+        members = _busiest_swaps(_pair_swaps(members, work.work, good), work.work, good)
     return members
 
 
@@ -102,9 +143,9 @@ def balanced_assignment(work: RowWork, dp: int, rows_per_rank: int, steps: int =
 
     ``work`` holds the rows' work in window order. Returns int64 [steps, dp, rows_per_rank] row
     numbers: every row exactly once, every rank exactly ``rows_per_rank`` rows per step, each
-    rank's rows ascending and the steps in the order of their earliest row. When the window's
-    :func:`window_objective` would be higher than that of :func:`strided_assignment`, the strided
-    one is returned instead, so balancing never makes a window slower.
+    rank's rows ascending and the steps in the order of their earliest row. Of the candidates
+    (see the module docstring, and :func:`strided_assignment`), the one of least
+    :func:`window_objective` wins, so balancing never makes a window slower.
     """
     n = steps * dp * rows_per_rank
     if work.work.shape != (n,):
@@ -112,16 +153,16 @@ def balanced_assignment(work: RowWork, dp: int, rows_per_rank: int, steps: int =
             f"work must hold steps * dp * rows_per_rank = {steps} * {dp} * {rows_per_rank} = {n} rows, "
             f"got {work.work.shape[0]}"
         )
-    heaviest = np.argsort(-work.work, kind="stable").reshape(steps, dp * rows_per_rank)
-    out = np.empty((steps, dp, rows_per_rank), dtype=np.int64)
-    for s, rows in enumerate(heaviest):
-        members = _rounds(rows, work, dp)
-        if work.combine == "sum" and rows_per_rank > 1 and dp > 1:
-            members = _busiest_swaps(_pair_swaps(members, work.work), work.work)
-        out[s] = members
-    out.sort(axis=2)
-    out = out[np.argsort(out[:, :, 0].min(axis=1), kind="stable")]
-    strided = strided_assignment(steps, dp, rows_per_rank)
-    if window_objective(out, work) > window_objective(strided, work):
-        return strided
-    return out
+    heaviest = np.argsort(-work.work, kind="stable")
+    # The window's rows, heaviest first, cut into steps, each split on its own: heavy rows share steps.
+    candidates = [np.stack([_split(work, rows, dp) for rows in heaviest.reshape(steps, -1)])]
+    if steps > 1:
+        # One group per (step, rank) of the whole window, the heaviest groups sharing a step: an
+        # outlier row gets the window's lightest rows as company.
+        groups = _split(work, heaviest, steps * dp)
+        by_work = np.argsort(-work.step_work(groups), kind="stable")
+        candidates.append(groups[by_work].reshape(steps, dp, rows_per_rank))
+    candidates.append(strided_assignment(steps, dp, rows_per_rank))  # chosen only when strictly faster
+    out = min(candidates, key=lambda c: window_objective(c, work))
+    out = np.sort(out, axis=2)
+    return out[np.argsort(out[:, :, 0].min(axis=1), kind="stable")]
