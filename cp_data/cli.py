@@ -96,6 +96,9 @@ def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: 
         default="bpe",
         help="local byte-level BPE (trained on the pydoc topics) or raw bytes (default bpe)",
     )
+    p.add_argument(
+        "--dp", type=_positive, default=4, metavar="D", help="data-parallel size of the DP balance report (default 4; 1: none)"
+    )
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,15 +163,28 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     previews = shard_previews(
         batches[shown], args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
     )
+    dp, dp_rows = None, args.dp * args.batch_size
+    if args.dp > 1 and len(packed) >= dp_rows:
+        from cp_data.inspect.dp import dp_report
+
+        dp = dp_report(packed, dp_world_size=args.dp, batch_size=args.batch_size, cp_world_size=args.cp,
+                       balancer=_kinds(args)[0], length_multiple=args.length_multiple, steps=args.batches,
+                       progress=not args.no_progress)
     plots = []
     if args.plot:
         from cp_data.inspect.plots import use_file_backend
 
         use_file_backend()
         plots = save_plots(report, args.plot, batches[shown])
+        if dp is not None:
+            from cp_data.inspect.dp import plot_dp_work
+
+            plots.append(os.path.join(args.plot, "dp_work.png"))
+            plot_dp_work(dp, plots[-1])
     if args.json:
         out = report.to_dict()
         out.update(shown_batch=shown, previews=previews, plots=[str(p) for p in plots])
+        out.update(dp=dp.to_dict() if dp is not None else None)
         print(json.dumps(out, indent=1))
         return
     print(header)
@@ -178,6 +194,11 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     for name, m in comparison.metrics.items():
         print()
         print(render_rank_table(m, previews[name]))
+    if dp is not None:
+        print()
+        print(dp.render())
+    elif args.dp > 1:
+        print(f"\nno DP balance report: dp x batch_size = {dp_rows} rows, only {len(packed)} packed")
     for p in plots:
         print(f"wrote {p}")
 
