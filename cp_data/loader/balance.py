@@ -30,27 +30,26 @@ __all__ = ["balanced_assignment", "least_busiest", "strided_assignment", "window
 
 _MAX_PASSES = 4
 """Rounds of pairwise swaps per step at most (each pass swaps in every pair of ranks at once)."""
-_MAX_SWAPS = 8
+_MAX_SWAPS = 16
 """Swaps out of the busiest rank per step at most, after the passes (each lowers the maximum)."""
-_PARTNERS = 8
-"""The busiest rank swaps with one of this many least busy ranks."""
 _CLOSE_ENOUGH = 2e-3
 """Swapping stops once the busiest rank is within 0.2% of the least possible maximum."""
 
 
 def least_busiest(work: np.ndarray, rows_per_rank: int, ranks: int) -> float:
-    """A load no split of these rows into ``ranks`` groups of ``rows_per_rank`` can keep every group under.
+    """A load no split of these rows into ``ranks`` groups of ``rows_per_rank`` keeps every group under.
 
-    The mean load; and for every ``c``, some group holds ``k = ceil(c / ranks)`` of the ``c``
-    heaviest rows, so at least the ``k`` lightest of them plus the ``rows_per_rank - k`` lightest
-    rows of all.
+    The mean load; and for every ``k``, some group holds ``k`` of the ``(k - 1) * ranks + 1``
+    heaviest rows (pigeonhole), so at least the ``k`` lightest of them plus the
+    ``rows_per_rank - k`` lightest rows of all. (For a given ``k`` fewer heavy rows give a larger
+    sum, so these counts are the ones to check.)
     """
     heaviest_first = np.sort(work)[::-1]
     top = np.concatenate([[0.0], np.cumsum(heaviest_first)])
     bottom = np.concatenate([[0.0], np.cumsum(heaviest_first[::-1])])
-    c = np.arange(1, work.size + 1)
-    k = -(-c // ranks)
-    c, k = c[k <= rows_per_rank], k[k <= rows_per_rank]
+    k = np.arange(1, rows_per_rank + 1)
+    c = (k - 1) * ranks + 1
+    k, c = k[c <= work.size], c[c <= work.size]
     pigeonhole = top[c] - top[c - k] + bottom[rows_per_rank - k]
     return float(max(work.sum() / ranks, pigeonhole.max(initial=0.0)))
 
@@ -108,23 +107,21 @@ def _pair_swaps(members: np.ndarray, work: np.ndarray, good: float) -> np.ndarra
 
 
 def _busiest_swaps(members: np.ndarray, work: np.ndarray, good: float) -> np.ndarray:
-    """Swap a row of the busiest rank with a row of one of the least busy ranks while that lowers
-    the maximum."""
+    """Swap a row of the busiest rank with a row of any other rank while that lowers the maximum."""
     members = members.copy()
     for _ in range(_MAX_SWAPS):
         values = work[members]
         loads = values.sum(axis=1)
-        by_load = np.argsort(loads, kind="stable")
-        a, partners = by_load[-1], by_load[: min(_PARTNERS, len(by_load) - 1)]
+        a = int(np.argmax(loads))
         if loads[a] <= good:
             break
-        delta = values[a][:, None, None] - values[partners][None, :, :]  # [row of a, partner, row of it]
-        new_max = np.maximum(loads[a] - delta, loads[partners][None, :, None] + delta)
+        delta = values[a][:, None, None] - values[None, :, :]  # [row of a, rank b, row of b]
+        new_max = np.maximum(loads[a] - delta, loads[None, :, None] + delta)
+        new_max[:, a, :] = np.inf
         best = int(np.argmin(new_max))
         if not new_max.flat[best] < loads[a] * (1 - 1e-12):
             break
         i, b, j = np.unravel_index(best, new_max.shape)
-        b = partners[b]
         members[a, i], members[b, j] = members[b, j], members[a, i]
     return members
 
