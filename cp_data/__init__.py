@@ -51,14 +51,17 @@ _LAZY = {
     "open_token_files": "cp_data.sources",
     **dict.fromkeys(
         [
+            "ContextParallelLoader",
             "ContextParallelLoaderConfig",
             "DataParallelSampler",
             "IndexedDataset",
             "dp_cp_coordinates",
             "verify_dp_cp_batch",
+            "verify_loader_state",
         ],
         "cp_data.loader",
     ),
+    **dict.fromkeys(["RowWork", "WorkModel", "row_work"], "cp_data.work"),
     **dict.fromkeys(
         [
             "cp_attention",

@@ -14,6 +14,7 @@ import json
 import os
 import pkgutil
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from cp_data.balancers import RingAttentionLoadBalancerType
@@ -28,6 +29,7 @@ QUICK_BENCH_KWARGS = {
     "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
     "ordering": dict(num_rows=20),
     "tokenfiles": dict(num_tokens=20_000_000, num_docs=200_000, rows=500, progress=False),
+    "dp": dict(seq_lens=(8192, 131072), num_rows=512, corpus="pydoc", progress=False),
 }
 """Small sizes for ``cp-data bench --quick`` (only the keywords a module's ``run`` accepts are used)."""
 
@@ -102,6 +104,9 @@ def _shared(p: argparse.ArgumentParser, seq_len: int, batches: int, batch_size: 
         choices=["bpe", "bytes"],
         default="bpe",
         help="local byte-level BPE (trained on the pydoc topics) or raw bytes (default bpe)",
+    )
+    p.add_argument(
+        "--dp", type=_positive, default=4, metavar="D", help="data-parallel size of the DP balance report (default 4; 1: none)"
     )
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
@@ -199,12 +204,24 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     previews = shard_previews(
         instances, args.cp, comparison.metrics, decode, length_multiple=args.length_multiple
     )
+    dp, dp_rows = None, args.dp * args.batch_size
+    if args.dp > 1 and len(packed) >= dp_rows:
+        from cp_data.inspect.dp import dp_report
+
+        dp = dp_report(packed, dp_world_size=args.dp, batch_size=args.batch_size, cp_world_size=args.cp,
+                       balancer=_kinds(args)[0], length_multiple=args.length_multiple, steps=args.batches,
+                       progress=not args.no_progress)
     plots = []
     if args.plot:
         from cp_data.inspect.plots import use_file_backend
 
         use_file_backend()
         plots = save_plots(report, args.plot, shown, instances, corpus_doc_lens=packed.store.lengths)
+        if dp is not None:
+            from cp_data.inspect.dp import plot_dp_work
+
+            plots.append(Path(args.plot) / "dp_work.png")
+            plot_dp_work(dp, plots[-1])
     if args.json:
         out = report.to_dict()
         out.update(
@@ -212,6 +229,7 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
             shown_batch=shown,
             previews=previews,
             plots=[str(p) for p in plots],
+            dp=dp.to_dict() if dp is not None else None,
         )
         print(json.dumps(out, indent=1))
         return
@@ -226,8 +244,16 @@ def _report(args: argparse.Namespace, packed: Any, decode: Any, header: str) -> 
     for name, m in comparison.metrics.items():
         print()
         print(render_rank_table(m, previews[name]))
+    if dp is not None:
+        print()
+        print(dp.render())
+    elif args.dp > 1:
+        print(f"\nno DP balance report: dp x batch_size = {dp_rows} rows, only {len(packed)} packed")
     for p in plots:
-        shows = "the corpus's document lengths before packing" if p.name == "doc_lengths.png" else label
+        shows = {
+            "doc_lengths.png": "the corpus's document lengths before packing",
+            "dp_work.png": "per-DP-rank work per step, before and after DP balancing",
+        }.get(p.name, label)
         print(f"wrote {p}: {shows}")
 
 

@@ -10,6 +10,12 @@ temporary directory (nothing is downloaded). Run on CPU with gloo, DP=2 x CP=2:
 Each step prints every rank's shard summary, then checks with collectives that the CP ranks of
 each DP group hold the shards of one identical global batch and that the DP groups got different
 data (see ``cp_data.loader.verify_dp_cp_batch``). Exits non-zero when a check fails.
+
+Checkpoint and resume on another topology: ``--save-state s.json`` checks that every rank holds
+the same loader state and rank 0 writes it; ``--resume s.json`` loads it on every rank, e.g.
+
+    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --steps 2 --save-state s.json
+    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --cp 4 --resume s.json
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from cp_data.datasets import packed_dataset_from_files
-from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, verify_dp_cp_batch
+from cp_data.loader import ContextParallelLoaderConfig, IndexedDataset, verify_dp_cp_batch, verify_loader_state
 from cp_data.packing import PackingConfig
 
 
@@ -60,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--cp", type=int, default=2, help="context-parallel degree (the rest is dp)")
+    p.add_argument("--dp-balance", action="store_true", help="balance the modelled work across DP ranks")
+    p.add_argument("--save-state", type=Path, help="write the loader state (JSON) after the last step")
+    p.add_argument("--resume", type=Path, help="load a loader state written by --save-state")
     return p.parse_args(argv)
 
 
@@ -92,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         if not rank:
             dist.barrier()
         config = ContextParallelLoaderConfig(
-            batch_size=args.batch_size, load_balancer=args.load_balancer, num_workers=args.num_workers
+            batch_size=args.batch_size,
+            load_balancer=args.load_balancer,
+            num_workers=args.num_workers,
+            dp_balance=args.dp_balance,
         )
         loader = config.build(dataset, mesh=mesh)
+        if args.resume:  # every rank loads the same file, whatever topology saved it
+            loader.load_state_dict(json.loads(args.resume.read_text()))
         collator = loader.collate_fn
         status = 0
         for step, batch in zip(range(args.steps), loader):
@@ -107,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 break
         dist.barrier()
+        if args.save_state and not status:
+            state = verify_loader_state(loader)  # the same on every rank, or a RuntimeError
+            if rank == 0:
+                args.save_state.write_text(json.dumps(state))
         if rank == 0 and not status:
             print(f"OK: {args.steps} steps, {len(dataset)} packed rows, mesh {tuple(mesh.shape)} (dp, cp)")
     dist.destroy_process_group()

@@ -79,6 +79,7 @@ def test_demo_tables_and_plots(capsys, tmp_path):
     assert written == sorted(
         [
             "doc_lengths.png",
+            "dp_work.png",
             "rank_work.png",
             "shard_map_zig_zag.png",
             "shard_map_llama3.png",

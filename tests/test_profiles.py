@@ -5,7 +5,7 @@ from pathlib import Path
 
 from hypothesis import settings
 
-from hypothesis_profiles import few_examples, many_examples
+from hypothesis_profiles import few_examples, many_examples, process_examples
 
 TESTS = Path(__file__).resolve().parent
 
@@ -22,7 +22,8 @@ def test_tiers_scale_with_the_active_profile():
     active = settings.default
     assert few_examples.max_examples == max(2, active.max_examples // 4)
     assert many_examples.max_examples == 3 * active.max_examples
-    for tier in (few_examples, many_examples):
+    assert process_examples.max_examples == max(2, active.max_examples // 12)
+    for tier in (few_examples, many_examples, process_examples):
         assert (tier.derandomize, tier.database) == (active.derandomize, active.database)
 
 

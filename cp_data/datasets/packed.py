@@ -72,6 +72,10 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return to_instance(self.row(int(i)))
 
+    def row_doc_lens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's ``doc_lens`` without building rows (see :meth:`PackingPlan.row_doc_lens`)."""
+        return self.plan.row_doc_lens()
+
     def metrics(self) -> dict:
         """Rows, fill rate, padding fraction, documents split/truncated, empty documents skipped."""
         return self.plan.metrics()

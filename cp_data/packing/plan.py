@@ -58,6 +58,15 @@ class PackingPlan:
         # every row holds at least one piece, so no reduceat segment is empty
         return np.add.reduceat(self.length + self.pad, self.row_offsets[:-1])
 
+    def row_doc_lens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's ``doc_lens`` (pieces, then the trailing padding document where a row has one):
+        ``(doc_lens, row_offsets)``, row ``r`` holding ``doc_lens[row_offsets[r]:row_offsets[r + 1]]``."""
+        free = self.seq_len - self.row_used()
+        ends = self.row_offsets[1:]
+        lens = np.insert(self.length + self.pad, ends[free > 0], free[free > 0])
+        offsets = np.concatenate([[0], ends + np.cumsum(free > 0)])
+        return lens.astype(np.int64), offsets.astype(np.int64)
+
     def metrics(self) -> dict:
         """Rows, fill rate, padding fraction and the per-document outcome counts."""
         return {
