@@ -15,9 +15,10 @@ Every CP rank of a data-parallel group draws the same global batch and its
   ``shard(num_shards, index)`` method, or be split already by the caller
   (``split_iterable=False``). Shuffling and exact resume are then the dataset's own
   (``state_dict``/``load_state_dict``, as ``cp_data.datasets.PackedIterableDataset`` has), through
-  a torchdata ``StatefulDataLoader``. For ``PackedIterableDataset``, split its source before
-  packing (``Dataset.shard(num_shards=dp, index=dp_rank)`` or ``split_dataset_by_node``) and pass
-  ``split_iterable=False``.
+  a torchdata ``StatefulDataLoader``. A ``PackedIterableDataset`` is split by its own
+  ``shard()`` (the default ``split_iterable=True``): every worker of every DP rank reads its own
+  blocks of one dealing, so ``cp_data.datasets.load_stream_state`` can later resume the run on
+  another DP size or worker count, every document token exactly once.
 """
 
 from .config import ContextParallelLoaderConfig
