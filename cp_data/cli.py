@@ -26,7 +26,7 @@ QUICK_BENCH_KWARGS = {
     "collate": dict(batch_size=2, seq_len=2048, docs_per_row=20, cp_world_size=4, repeats=3),
     "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
     "ordering": dict(num_rows=20),
-    "dp": dict(seq_lens=(8192, 131072), num_rows=512, corpus="pydoc", progress=False),
+    "dp": dict(seq_lens=(131072,), dp_sizes=(64,), batch_sizes=(4,), num_rows=512, corpus="pydoc", progress=False),
 }
 """Small sizes for ``cp-data bench --quick`` (only the keywords a module's ``run`` accepts are used)."""
 
