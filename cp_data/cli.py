@@ -29,11 +29,11 @@ QUICK_BENCH_KWARGS = {
     "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
     "ordering": dict(num_rows=20),
     "tokenfiles": dict(num_tokens=20_000_000, num_docs=200_000, rows=500, progress=False),
-    "dp": dict(seq_lens=(8192, 131072), num_rows=512, corpus="pydoc", progress=False),
+    "dp": dict(seq_lens=(131072,), dp_sizes=(64,), batch_sizes=(4,), num_rows=512, corpus="pydoc", progress=False),
 }
 """Small sizes for ``cp-data bench --quick`` (only the keywords a module's ``run`` accepts are used)."""
 
-BENCH_ORDER = ("balancers", "packing", "collate", "ordering", "tokenfiles")
+BENCH_ORDER = ("balancers", "packing", "collate", "ordering", "tokenfiles", "dp")
 
 
 class _Parser(argparse.ArgumentParser):

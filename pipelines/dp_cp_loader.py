@@ -12,10 +12,11 @@ each DP group hold the shards of one identical global batch and that the DP grou
 data (see ``cp_data.loader.verify_dp_cp_batch``). Exits non-zero when a check fails.
 
 Checkpoint and resume on another topology: ``--save-state s.json`` checks that every rank holds
-the same loader state and rank 0 writes it; ``--resume s.json`` loads it on every rank, e.g.
+the same loader state and rank 0 writes it; ``--resume s.json`` loads it on every rank. The data
+must stay the same, so keep the packing (``--cp-multiple``) when the CP size changes:
 
-    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --steps 2 --save-state s.json
-    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --cp 4 --resume s.json
+    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --cp-multiple 8 --save-state s.json
+    torchrun --standalone --nproc-per-node 4 pipelines/dp_cp_loader.py --cp-multiple 8 --cp 4 --resume s.json
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--cp", type=int, default=2, help="context-parallel degree (the rest is dp)")
+    p.add_argument("--cp-multiple", type=int, help="pad documents to a multiple of this (default 2 x --cp)")
     p.add_argument("--dp-balance", action="store_true", help="balance the modelled work across DP ranks")
     p.add_argument("--save-state", type=Path, help="write the loader state (JSON) after the last step")
     p.add_argument("--resume", type=Path, help="load a loader state written by --save-state")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             shared = [tmp]
         dist.broadcast_object_list(shared, src=0)
         files = sorted(str(p) for p in Path(shared[0]).glob("*.txt"))
-        packing = PackingConfig(seq_len=args.seq_len, cp_multiple=2 * args.cp)
+        packing = PackingConfig(seq_len=args.seq_len, cp_multiple=args.cp_multiple or 2 * args.cp)
         if rank:  # rank 0 goes first, so shared HF caches (builder modules) are not set up concurrently
             dist.barrier()
         dataset = IndexedDataset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data.loader import DataParallelSampler
-from cp_data.loader.balance import balanced_assignment, least_busiest, strided_assignment, window_objective
+from cp_data.loader.balance import _rounds, balanced_assignment, least_busiest, strided_assignment, window_objective
 from cp_data.loader.state import Consumed
 from cp_data.work import RowWork
 
@@ -24,13 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def lockstep(samplers, stop=None):
     """Steps of all dp ranks together until the epoch ends (on every rank at once) or ``stop`` steps."""
-    steps, iterators = [], [iter(s) for s in samplers]
+    steps, left, iterators = [], len(samplers[0]), [iter(s) for s in samplers]
     while len(steps) != stop:
         step = [next(it, None) for it in iterators]
         if None in step:
             assert step == [None] * len(step), "dp ranks disagree on the number of steps"
             break
         steps.append(tuple(step))
+        assert len(steps) <= left, f"more steps than the {left} the sampler announced"
     return steps
 
 
@@ -58,6 +60,9 @@ def test_every_sample_once_per_epoch_and_batch_size_rows_per_rank(work, dp, B, l
     else:  # the last step repeats the order's first samples so that every rank gets the same count
         assert [len(rows) for rows in steps[-1]] == [-(-tail // dp)] * dp
         assert sorted(set(seen)) == list(range(n)) and len(seen) - n == -tail % dp
+        repeated = collections.Counter(seen) - collections.Counter(range(n))
+        # the order's first samples, as DistributedSampler repeats them
+        assert sorted(repeated.elements()) == sorted(np.resize(samplers[0].order(0), -tail % dp).tolist())
     # every rank stays in the same epoch; the next pass is the next epoch
     assert {s.epoch for s in samplers} == {1}
 
@@ -164,6 +169,16 @@ def test_balanced_assignment_is_a_partition_never_slower_than_the_plain_split(wo
     assert got.shape == (steps, dp, B) and sorted(got.ravel().tolist()) == list(range(n))
     assert (np.diff(got, axis=2) > 0).all()  # each rank's rows in window order
     assert window_objective(got, work) <= window_objective(strided_assignment(steps, dp, B), work)
+
+
+@given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=2, max_size=40, unique=True))
+def test_lpt_rounds_pair_the_heaviest_rows_with_the_lightest(values):
+    """With two rows per rank, LPT in rounds is the optimal pairing: i-th heaviest with i-th lightest."""
+    work = RowWork(np.array(values[: len(values) // 2 * 2]))
+    dp = work.work.size // 2
+    heaviest = np.argsort(-work.work, kind="stable")
+    pairs = {frozenset(p) for p in _rounds(heaviest, work, dp).tolist()}
+    assert pairs == {frozenset((heaviest[i], heaviest[-1 - i])) for i in range(dp)}
 
 
 def best_split(work, dp, B):

@@ -87,7 +87,7 @@ def _epoch(num_rows: int, dp: int, B: int, work: RowWork | None, lookahead: int,
 
 
 def _figures(steps: np.ndarray, bound: np.ndarray) -> dict[str, float]:
-    """Mean and p90 over the steps of max / mean over the DP ranks, and the mean bound."""
+    """Mean and p90 over the steps of max / mean over the DP ranks, and of the bound."""
     ratio = steps.max(axis=1) / steps.mean(axis=1)
     return dict(mean=float(ratio.mean()), p90=float(np.quantile(ratio, 0.9)), bound=float(bound.mean()),
                 bound_p90=float(np.quantile(bound, 0.9)))
@@ -119,7 +119,8 @@ def run(
     """Imbalance, bound and gain per configuration, and the balancing cost per global batch."""
     model = WorkModel.preset(MODEL)
     mixes = {name: (_corpus_lengths(corpus) if mix is None else mix) for name, mix in MIXES.items()}
-    configs, attention = [], {}
+    configs: dict[str, dict] = {name: {} for name in mixes}
+    attention = {}
     with tqdm(total=len(mixes) * len(seq_lens), desc="bench dp", unit="epoch", disable=not progress) as bar:
         for name, mix in mixes.items():
             for S in seq_lens:
@@ -132,15 +133,14 @@ def run(
                     today, bound = _epoch(rows, dp, B, None, 1, used)
                     if not len(today):
                         continue
-                    entry = dict(mix=name, seq_len=S, dp=dp, batch_size=B, cp=f"{kind} W={W}",
-                                 combine=used.combine, steps=len(today), today=_figures(today, bound))
+                    entry = dict(today=_figures(today, bound))
                     for la in lookaheads:
                         balanced = _epoch(rows, dp, B, used, la, used)
                         figures = _figures(*balanced)
                         gain = today.max(axis=1).sum() / balanced[0].max(axis=1).sum()
                         entry[f"lookahead {la}"] = dict(**figures, gain=float(gain), choices=B * la,
                                                         verdict=verdict(figures, B * la))
-                    configs.append(entry)
+                    configs[name][f"S={S} dp={dp} B={B} {kind} W={W}"] = entry
                 bar.update()
     return dict(model=MODEL, configs=configs, attention_share=attention, cost=_cost(mixes, seed))
 
@@ -161,35 +161,35 @@ def _cost(mixes: dict, seed: int, batches: int = 16) -> dict[str, float]:
 
 
 def _table(result: dict, lookaheads: list[str]) -> list[str]:
-    head = f"{'S':>6} {'dp':>3} {'B':>2} {'cp':<11} {'today':>11}" + "".join(
+    head = f"{'configuration':<30} {'today':>11}" + "".join(
         f" | {la + ': mean   p90  bound  gain':<36}" for la in lookaheads)
-    lines, mix = [], None
-    for c in result["configs"]:
-        if c["mix"] != mix:
-            mix = c["mix"]
-            lines += ["", f"{mix}: DP imbalance (max/mean over DP ranks), mean and p90 over the epoch's steps",
-                      head, "-" * len(head)]
-        line = (f"{c['seq_len']:>6} {c['dp']:>3} {c['batch_size']:>2} {c['cp']:<11} "
-                f"{c['today']['mean']:>5.3f} {c['today']['p90']:>5.3f}")
-        for la in lookaheads:
-            f = c[la]
-            line += f" | {' ' * len(la)}  {f['mean']:>5.3f} {f['p90']:>5.3f} {f['bound']:>6.3f} {f['gain']:>5.2f} {f['verdict']:<5}"
-        lines.append(line)
+    lines = []
+    for mix, configs in result["configs"].items():
+        lines += ["", f"{mix}: DP imbalance (max/mean over DP ranks), mean and p90 over the epoch's steps",
+                  head, "-" * len(head)]
+        for name, c in configs.items():
+            line = f"{name:<30} {c['today']['mean']:>5.3f} {c['today']['p90']:>5.3f}"
+            for la in lookaheads:
+                f = c[la]
+                line += (f" | {' ' * len(la)}  {f['mean']:>5.3f} {f['p90']:>5.3f} {f['bound']:>6.3f} "
+                         f"{f['gain']:>5.2f} {f['verdict']:<5}")
+            lines.append(line)
     return lines
 
 
 def main(**kwargs) -> dict:
     """Print the tables, the targets' verdicts and the balancing cost."""
     result = run(**kwargs)
-    lookaheads = [k for k in result["configs"][0] if k.startswith("lookahead")]
+    every = [c for configs in result["configs"].values() for c in configs.values()]
+    lookaheads = [k for k in every[0] if k.startswith("lookahead")]
     print(f"DP step-work imbalance under the {result['model']} work model (a DP rank's work: its slowest CP rank), "
           f"BFD-packed rows; bound: the least imbalance of any split of the same steps' rows")
     print("\n".join(_table(result, lookaheads)))
     print("\nattention share of the modelled work: " + ", ".join(
         f"{k} {v:.0%}" for k, v in result["attention_share"].items()))
     for la in lookaheads:
-        counts = collections.Counter(c[la]["verdict"] for c in result["configs"] if c[la]["choices"] >= 4)
-        gains = [c[la]["gain"] for c in result["configs"]]
+        counts = collections.Counter(c[la]["verdict"] for c in every if c[la]["choices"] >= 4)
+        gains = [c[la]["gain"] for c in every]
         print(f"{la}: >= 4 rows to choose from: {dict(counts)} (targets mean <= {TARGET_MEAN}, p90 <= {TARGET_P90}); "
               f"end-to-end gain {min(gains):.2f}-{max(gains):.2f}x, median {np.median(gains):.2f}x")
     print("balancing cost per global batch of 512 rows: " + ", ".join(

@@ -17,7 +17,7 @@ from .state import Consumed, Layout, Position, Window, check_fingerprint
 
 __all__ = ["DataParallelSampler"]
 
-_CACHED_WINDOWS = 4  # the loader replays the windows its prefetching sampler has just computed
+_CACHED_WINDOWS = 16  # the loader replays the windows its prefetching sampler has just computed
 
 
 class DataParallelSampler(Sampler[list[int]]):
