@@ -27,7 +27,7 @@ QUICK_BENCH_KWARGS = {
     "balancers": dict(num_tokens=8192, num_docs=128, world_size=4, repeats=3),
     "collate": dict(batch_size=2, seq_len=2048, docs_per_row=20, cp_world_size=4, repeats=3),
     "packing": dict(num_docs=20_000, dataset_tokens=500_000, progress=False),
-    "ordering": dict(num_rows=20),
+    "ordering": dict(num_rows=20, num_batches=2, progress=False),
     "tokenfiles": dict(num_tokens=20_000_000, num_docs=200_000, rows=500, progress=False),
     "dp": dict(seq_lens=(131072,), dp_sizes=(64,), batch_sizes=(4,), num_rows=512, corpus="pydoc", progress=False),
 }

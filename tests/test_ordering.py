@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data import PAD, RingAttentionLoadBalancerType
-from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
-from cp_data.bench.ordering import work_lower_bound
+from cp_data.balancers.ordering import _busiest_rank_bound, _check, fill_work_bound, llama3_balanced_order, llama3_rank_work
+from cp_data.bench.ordering import MIXES, sample_rows, work_lower_bound
 from hypothesis_profiles import few_examples
 
 
@@ -165,3 +165,58 @@ def test_example_long_tail_document_moves_off_last_rank():
 def test_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         llama3_balanced_order(*args)
+
+
+@given(st.lists(st.integers(1, 7), min_size=0, max_size=4), st.integers(0, 30))
+def test_fill_work_bound_is_the_least_work_of_pieces(lens, max_tokens):
+    """f[c] = least total work of pieces (x_i <= d_i tokens of document i) holding c tokens."""
+    f = fill_work_bound(np.array(lens, dtype=np.int64), max_tokens)
+    for c in range(max_tokens + 1):
+        costs = [
+            sum(x * (x + 1) / 2 for x in pieces)
+            for pieces in itertools.product(*(range(d + 1) for d in lens))
+            if sum(pieces) == c
+        ]
+        assert f[c] == (min(costs) if costs else sum(d * (d + 1) / 2 for d in lens))
+
+
+@few_examples
+@given(
+    st.lists(st.integers(1, 300), min_size=2, max_size=6).map(np.array),
+    st.integers(2, 5),
+    st.sampled_from([None, 1, 3, 8]),
+)
+def test_busiest_rank_bound_holds_for_every_order(lens, world, multiple):
+    best = min(llama3_rank_work(lens[list(p)], world, multiple).max() for p in itertools.permutations(range(lens.size)))
+    assert _busiest_rank_bound(*_check(lens, world, multiple)) <= best * (1 + 1e-12)
+
+
+def test_p90_within_5_percent_of_the_bound_on_flattened_batches():
+    """Batches of 4 rows (as the collator flattens them) at W=8, over the benchmark's mixes."""
+    gaps = []
+    for seed in range(24):
+        median, sigma = list(MIXES.values())[seed % len(MIXES)]
+        lens = np.concatenate(sample_rows(4, 2048, median / 4, sigma, seed))
+        perm = llama3_balanced_order(lens, 8)
+        assert sorted(perm.tolist()) == list(range(lens.size))
+        gaps.append(llama3_rank_work(lens[perm], 8).max() / work_lower_bound(lens, 8))
+    assert min(gaps) >= 1 - 1e-12
+    assert np.quantile(gaps, 0.9) <= 1.05
+
+
+def test_a_pure_function_of_its_inputs():
+    rng = np.random.default_rng(5)
+    rows = [realistic_row(rng, seq_len=4096, median=m) for m in (60, 300)]
+    first = [llama3_balanced_order(r, 4) for r in rows]
+    copies = [r.copy() for r in rows]
+    # Interleaved calls, list input, another world size in between: same answers, inputs intact.
+    llama3_balanced_order(rows[1], 8)
+    assert np.array_equal(llama3_balanced_order(rows[0].tolist(), 4), first[0])
+    assert np.array_equal(llama3_balanced_order(rows[1], 4), first[1])
+    assert all(np.array_equal(r, c) for r, c in zip(rows, copies))
+
+
+@pytest.mark.parametrize("lens", [[0, 0], [0, 0, 0], [0, 5], [5, 0, 0]])
+def test_zero_length_documents_alone_or_with_one_document(lens):
+    perm = llama3_balanced_order(np.array(lens), 4)
+    assert sorted(perm.tolist()) == list(range(len(lens)))

@@ -7,16 +7,17 @@ holds the tail of a long document) do far more work than the others. Reordering 
 changes no token's attention (each document keeps its own keys, in order) and, chosen well, evens
 the work out.
 
-:func:`llama3_balanced_order` finds such an order by best-improvement local search over a few
-starting orders (the longest document among the shortest ones in the ranks it spans, at the start
-and at the end of the row; a greedy "snake" deal of the longest documents; on short rows the
-original order). Every candidate move — swap two documents,
-or move one document to another place — is scored at once in closed form: the work of a rank is
+:func:`llama3_balanced_order` builds an order in two steps. First a construction
+(:func:`_heavy_first_order`): the documents too heavy to sit whole in one rank are laid across
+rank boundaries where they cost least, and the others are dealt, longest first, to the least
+loaded rank with room. Then, unless that is already within 1% of the mean (a bound no order
+beats), best-improvement local search: every candidate move — swap two documents, or move one
+document to another place — is scored at once in closed form. The work of a rank is
 ``F(end) - F(start)`` where ``F(x)`` is the causal work of the first ``x`` tokens, and a move only
-changes ``F`` inside the block it rearranges, so scoring all ``O(n^2)`` moves costs
-``O(n^2 · W · log n)`` numpy work per step, with no Python loop over moves or documents (rows of
-more than 32 documents score only the moves that involve a cut or one of the 8 longest
-documents). On 8192-token rows of 15-60 documents this takes a few milliseconds.
+changes ``F`` inside the block it rearranges, so scoring ``m`` moves costs ``O(m · W · log n)``
+numpy work, with no Python loop over moves. Short rows score every pair of documents; long ones
+only the moves between a key document (one cut by a slice boundary, or one of the longest) and a
+sample of partners, which keeps a flattened batch of 64k tokens at W = 8 to a few milliseconds.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from .validation import ShardingError, check_length_multiple, check_lengths, rou
 
 __all__ = ["llama3_balanced_order", "llama3_rank_work", "reorder_documents"]
 
-_MAX_STEPS = 64  # moves per descent; descents end far earlier in practice
-_STEP_BUDGET = 20_000  # documents x moves per descent: bounds the cost on long flattened batches
+_MAX_STEPS = 64  # moves per descent; descents on short rows end far earlier in practice
+_STEP_BUDGET = 500  # documents x moves per descent: bounds the cost on long flattened batches
+_MIN_STEPS = 4
 _TIE_WEIGHT = 1e-3  # weight of the 2nd busiest rank in the score (1e-6 for the 3rd, ...)
 _FULL_SEARCH = 32  # rows with more documents score only moves that involve a key document
 _KEY_LONGEST = 8  # the longest documents count as key documents
+_PARTNERS = 64  # on long rows, the documents a key document may swap or trade places with
+_HEAVY = (0.25, 0.5)  # a document is heavy above this share of the mean rank work (one seed each)
 _GOOD_ENOUGH = 1.01
 """Stop searching once the busiest rank is within 1% of the mean (the bound no order beats)."""
 
@@ -96,6 +100,28 @@ def _score(works: np.ndarray) -> np.ndarray:
     return ranked @ (_TIE_WEIGHT ** np.arange(works.shape[-1]))
 
 
+def _candidate_pairs(lens: np.ndarray, ends: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(i, j)`` of the moves worth scoring, in both orders.
+
+    Every pair in short rows. In long ones, the pairs of a key document (one cut by a slice
+    boundary, or one of the longest: the moves that shift work in big steps) with a partner: a
+    key document, or one of :data:`_PARTNERS` documents spread evenly along the row.
+    """
+    n = lens.size
+    if n <= _FULL_SEARCH:
+        pairs = ~np.eye(n, dtype=bool)
+        return np.nonzero(pairs)
+    cut = np.minimum(np.searchsorted(ends, bounds[1:-1], side="right"), n - 1)
+    keys = np.unique(np.concatenate([cut, np.argsort(-lens, kind="stable")[:_KEY_LONGEST]]))
+    spread = np.linspace(0, n - 1, _PARTNERS).astype(np.int64)
+    partners = np.unique(np.concatenate([keys, spread]))
+    ii, jj = np.repeat(keys, partners.size), np.tile(partners, keys.size)
+    keep = ii != jj
+    ii, jj = ii[keep], jj[keep]
+    # (key, key) pairs come twice in each order; scoring them twice is cheaper than a dedup.
+    return np.concatenate([ii, jj]), np.concatenate([jj, ii])
+
+
 def _move_scores(
     lens: np.ndarray, bounds: np.ndarray, focus: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -114,14 +140,7 @@ def _move_scores(
     done = np.cumsum(work)  # F at each document's end; F at its start is done - work
     inner = bounds[1:-1][None, :]
     base = prefix(inner)
-    # Candidates: every pair in short rows; in long ones, the pairs that involve a key document
-    # (one cut by a slice boundary, or one of the longest): the moves that shift work in big steps.
-    key = np.full(n, n <= _FULL_SEARCH)
-    key[np.minimum(np.searchsorted(ends, bounds[1:-1], side="right"), n - 1)] = True
-    key[np.argsort(-lens, kind="stable")[:_KEY_LONGEST]] = True
-    pairs = key[:, None] | key[None, :]
-    np.fill_diagonal(pairs, False)
-    ii, jj = np.nonzero(pairs)
+    ii, jj = _candidate_pairs(lens, ends, bounds)
     lo, hi = np.minimum(starts[ii], starts[jj]), np.maximum(ends[ii], ends[jj])
     cuts = ((focus[None, :] >= lo[:, None]) & (focus[None, :] < hi[:, None])).any(axis=1)
     ii, jj = ii[cuts], jj[cuts]
@@ -174,13 +193,15 @@ def _apply(order: np.ndarray, kind: int, i: int, j: int) -> np.ndarray:
     return np.insert(np.delete(order, i), j, order[i])
 
 
-def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
-    """Best-improvement descent from ``order``; returns the order and its score."""
+def _local_search(
+    lens: np.ndarray, order: np.ndarray, bounds: np.ndarray, good_enough: float
+) -> tuple[np.ndarray, float]:
+    """Best-improvement descent from ``order`` until its score is ``good_enough``; returns the
+    order and its score."""
     works = _rank_work(lens[order], bounds)
     current = float(_score(works))
-    good_enough = _GOOD_ENOUGH * works.sum() / len(works)
     inner = bounds[1:-1]
-    for _ in range(min(_MAX_STEPS, max(16, _STEP_BUDGET // len(order)))):
+    for _ in range(min(_MAX_STEPS, max(_MIN_STEPS, _STEP_BUDGET // len(order)))):
         if current <= good_enough:
             break
         # Only moves across the busiest rank's own boundaries can lower the max: try them first,
@@ -199,37 +220,129 @@ def _local_search(lens: np.ndarray, order: np.ndarray, bounds: np.ndarray) -> tu
     return order, current
 
 
-def _snake_order(lens: np.ndarray, cp_world_size: int) -> np.ndarray:
-    """Longest documents dealt to ranks in snake order (0..W-1, W-1..0, ...), short ones at the ends.
+def fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """``f[c]``: least work of ``c`` tokens taken from these documents, ``c = 0..max_tokens``.
 
-    A cheap starting point: each rank gets a similar mix of long and short documents, and the
-    short ones sit where the slice boundaries will cut.
+    A rank's tokens from other documents are one contiguous piece per document, and a piece of
+    ``x`` tokens costs at least ``x (x + 1) / 2``; the cost is convex, so spreading ``c`` over as
+    many documents as possible (pieces of ``min(d, level)`` tokens) is the cheapest. More tokens
+    than the documents hold cost nothing extra (the bound stays a bound).
     """
+    d = np.sort(other_lens)
+    level = np.arange(int(d[-1]) + 1 if d.size else 1)
+    below = np.searchsorted(d, level, side="left")  # documents shorter than the level stay whole
+    wider = d.size - below
+    tokens = np.append(0, np.cumsum(d))[below] + level * wider
+    work = np.append(0.0, np.cumsum(_tri(d)))[below] + _tri(level) * wider
+    c = np.arange(max_tokens + 1)
+    k = np.clip(np.searchsorted(tokens, c, side="right") - 1, 0, level.size - 1)
+    return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
+
+
+def _busiest_rank_bound(lens: np.ndarray, bounds: np.ndarray) -> float:
+    """A cheap bound on the busiest rank's work that no order beats.
+
+    The larger of the mean and, over every start of the longest document, the least possible
+    busiest rank among those it touches: its own part there plus the cheapest fill of the rest
+    of each rank by the other documents (:func:`fill_work_bound`). Starts are scanned by their
+    offset inside the first rank touched: only the last, partly filled rank differs from the rest.
+    """
+    local = int(bounds[1])
+    total = int(lens.sum())
+    mean = float(_tri(lens).sum()) / (bounds.size - 1)
+    longest_at = int(np.argmax(lens))
+    length = int(lens[longest_at])
+    fill = fill_work_bound(np.delete(lens, longest_at), local)
+    full_ranks, last_room = divmod(total, local)
+    offset = np.arange(local)[:, None]
+    k = np.arange(-(-(local - 1 + length) // local))[None, :]
+    lo = np.clip(k * local - offset, 0, length)
+    hi = np.clip((k + 1) * local - offset, 0, length)
+    held = hi - lo
+    part = np.where(held > 0, _tri(hi) - _tri(lo) + fill[local - held], 0.0)
+    span = (offset[:, 0] + length + local - 1) // local
+    # Ending inside the full ranks; or in the partly filled last one, which has less room to fill.
+    inside = np.where(span <= full_ranks, part.max(axis=1), np.inf)
+    last = span - 1
+    last_held = held[np.arange(local), last]
+    ends_last = (last_room > 0) & (full_ranks - last >= 0) & (last_held <= last_room)
+    ends_last &= (full_ranks - last) * local + offset[:, 0] + length <= total
+    head = np.where(k < last[:, None], part, 0.0).max(axis=1)
+    tail = _tri(hi[np.arange(local), last]) - _tri(lo[np.arange(local), last])
+    tail = tail + fill[np.clip(last_room - last_held, 0, local)]
+    at_end = np.where(ends_last, np.maximum(head, tail), np.inf)
+    return max(mean, float(min(inside.min(), at_end.min())))
+
+
+def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -> np.ndarray:
+    """An order built around the documents too heavy to sit whole in one rank.
+
+    A document is heavy when its causal work exceeds ``threshold`` times the mean rank work. Each
+    heavy document, longest first, takes the next free run of ranks and starts at the offset
+    that minimises the busiest rank it touches, counting the rest of each of those ranks as
+    filled at the light documents' mean work per token. The light documents then go, longest
+    first, to the least loaded rank with room for them (the heavy pieces already counted; with no
+    room anywhere, to the rank with the most), and each rank lays its light documents out
+    short-long-short, so that a slice boundary that falls inside them cuts a short one.
+    """
+    world, local = bounds.size - 1, int(bounds[1])
+    total = int(lens.sum())
+    room = np.clip(total - bounds[:-1], 0, local).astype(np.float64)
+    tokens, work = np.zeros(world), np.zeros(world)
     by_len = np.argsort(-lens, kind="stable")
-    turn = np.arange(lens.size) % (2 * cp_world_size)
-    group = np.where(turn < cp_world_size, turn, 2 * cp_world_size - 1 - turn)
-    # Within a group: ascending to the middle, then descending, so long documents sit inside.
-    rank_in_group = np.arange(lens.size) // (2 * cp_world_size) * 2 + (turn >= cp_world_size)
-    side = rank_in_group % 2
-    key = np.where(side == 0, -rank_in_group, rank_in_group)
-    return by_len[np.lexsort((key, group))]
+    heavy_count = int(np.sum(_tri(lens) > threshold * _tri(lens).sum() / world))
+    light = by_len[heavy_count:]
+    per_token = _tri(lens[light]).sum() / max(int(lens[light].sum()), 1)
+    starting = {}  # rank -> the heavy document that starts in it
+    rank = 0
+    touched = np.arange(-(-(local + int(lens[by_len[0]])) // local))
+    step = max(local // 256, 1)
+    for doc in by_len[:heavy_count].tolist():
+        length = int(lens[doc])
 
+        def pieces(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            lo = np.clip(touched * local - offset[:, None], 0, length)
+            hi = np.clip((touched + 1) * local - offset[:, None], 0, length)
+            own = _tri(hi) - _tri(lo)
+            held = hi - lo
+            cost = np.where(held > 0, own + per_token * (room[np.minimum(rank + touched, world - 1)] - held), 0.0)
+            fits = ((rank + touched < world) | (held == 0)).all(axis=1)
+            return np.where(fits, cost.max(axis=1), np.inf), own, held
 
-def _window_order(lens: np.ndarray, cp_world_size: int, local_len: int) -> np.ndarray:
-    """The longest document inside the first ranks it must touch, among the shortest documents.
-
-    A long document's tail is expensive wherever it lands, so the ranks it spans should hold
-    cheap (short) documents around it; the longer documents fill the other ranks, dealt as in
-    :func:`_snake_order`. The descent then fixes the split point.
-    """
-    by_len = np.argsort(lens, kind="stable")
-    longest, rest = by_len[-1], by_len[:-1]
-    span = min(cp_world_size, -(-int(lens[longest]) // local_len) + 1)
-    room = span * local_len - int(lens[longest])
-    fill = rest[: int(np.searchsorted(np.cumsum(lens[rest]), room))]
-    others = rest[fill.size :]
-    others = others[_snake_order(lens[others], max(cp_world_size - span, 1))]
-    return np.concatenate([fill[1::2], [longest], fill[0::2], others]).astype(np.int64)
+        # A coarse scan of the start offsets, then every offset around the best one.
+        cost, _, _ = pieces(np.arange(0, local, step))
+        if not np.isfinite(cost).any():
+            light = np.append(light, doc)  # no free run of ranks left: treat it as light
+            continue
+        near = int(np.argmin(cost)) * step
+        offsets = np.arange(max(near - step, 0), min(near + step, local))
+        cost, own, held = pieces(offsets)
+        best = int(np.argmin(cost))
+        used = held[best] > 0
+        tokens[rank + touched[used]] += held[best, used]
+        work[rank + touched[used]] += own[best, used]
+        starting[rank] = doc
+        rank += int(touched[used].max()) + 1
+    members = [[] for _ in range(world)]
+    tokens, work, room = tokens.tolist(), work.tolist(), room.tolist()
+    light = light[np.argsort(-lens[light], kind="stable")]
+    for doc, length in zip(light.tolist(), lens[light].tolist()):  # plain Python: W is small
+        target, least = -1, np.inf
+        for r in range(world):
+            if tokens[r] + length <= room[r] and work[r] < least:
+                target, least = r, work[r]
+        if target < 0:
+            target = max(range(world), key=lambda r: room[r] - tokens[r])
+        tokens[target] += length
+        work[target] += length * (length + 1) / 2
+        members[target].append(doc)
+    order = []
+    for r in range(world):
+        ascending = sorted(members[r], key=lens.__getitem__)
+        order += ascending[0::2] + ascending[1::2][::-1]
+        if r in starting:
+            order.append(starting[r])
+    return np.array(order, dtype=np.int64)
 
 
 def llama3_balanced_order(
@@ -242,7 +355,7 @@ def llama3_balanced_order(
     ``W · (length_multiple or 1)``; the returned int64 permutation ``perm`` (``doc_lens[perm]`` is
     the new order) minimises, approximately, the largest per-rank causal work
     (:func:`llama3_rank_work`). Documents stay whole, so no token's attention changes. The result
-    is deterministic and never worse than the original order.
+    is a deterministic function of the arguments and never worse than the original order.
 
     Every given document counts, the instances' padding documents included (the kernel computes
     them like any other); the balancer's own end padding (under ``W · length_multiple`` tokens)
@@ -250,24 +363,28 @@ def llama3_balanced_order(
     """
     lens, bounds = _check(doc_lens, cp_world_size, length_multiple)
     identity = np.arange(lens.size, dtype=np.int64)
-    # Zero-length documents change nothing; search over the others and put them back at the end.
     real = identity[lens > 0]
     if real.size < 2 or cp_world_size == 1:
-        return identity  # no order of fewer than two real documents changes the work
-    good_enough = _GOOD_ENOUGH * _tri(lens).sum() / cp_world_size
-    window = real[_window_order(lens[real], cp_world_size, int(bounds[1]))]
-    # The snake first: on long (flattened) rows it is usually good enough at once.
-    starts = [real[_snake_order(lens[real], cp_world_size)], window, window[::-1]]
-    if real.size <= _FULL_SEARCH:
-        starts.append(real)  # cheap on short rows; rescues the rows where the others stall
-    best, best_score = identity, float(_score(_rank_work(lens, bounds)))
-    for start in starts:
-        if best_score <= good_enough:
+        return identity
+    # Zero-length documents change nothing; search over the others and put them back at the end.
+    real_lens = lens[real]
+    # Stop as soon as the busiest rank is within 1% of a bound that no order beats.
+    good_enough = _GOOD_ENOUGH * _busiest_rank_bound(real_lens, bounds)
+    seeds = [_heavy_first_order(real_lens, bounds, t) for t in _HEAVY]
+    # The original order is a seed too, and descents only improve: never worse than it.
+    seeds += [seed[::-1] for seed in seeds] + [np.arange(real.size)]
+    scores = [float(_score(_rank_work(real_lens[seed], bounds))) for seed in seeds]
+    # Long rows: descend from the best seed only. Short ones are cheap: descend from each, since
+    # a descent can stall where another start does not.
+    starts = np.argsort(scores, kind="stable")[: None if real.size <= _FULL_SEARCH else 1]
+    order, score = seeds[starts[0]], scores[starts[0]]
+    for start in starts.tolist():
+        if score <= good_enough:
             break
-        order, score = _local_search(lens, start, bounds)
-        if score < best_score:
-            best, best_score = np.concatenate([order, identity[lens == 0]]), score
-    return best
+        found, found_score = _local_search(real_lens, seeds[start], bounds, good_enough)
+        if found_score < score:
+            order, score = found, found_score
+    return np.concatenate([real[order], identity[lens == 0]])
 
 
 def reorder_documents(cu_doc_lens: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

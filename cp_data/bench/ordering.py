@@ -1,9 +1,10 @@
 """Benchmark of the balance-aware llama3 order: imbalance before/after over random length mixes.
 
 Rows of ``seq_len`` tokens are filled with lognormal document lengths (the last one cut to fit),
-as a concat packer would. For every mix the figures are averages over the rows of max/mean causal
-work under llama3 slicing: the original order, :func:`llama3_balanced_order`, and a lower bound
-no order can beat (see :func:`work_lower_bound`).
+as a concat packer would; batches are such rows flattened, as the collator orders them. For every
+mix the figures are over the rows of max/mean causal work under llama3 slicing: the original
+order, :func:`llama3_balanced_order`, and a lower bound no order can beat (see
+:func:`work_lower_bound`), the p90 of each and of their per-row ratio (the gap), and the time.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
+from cp_data.balancers.ordering import fill_work_bound, llama3_balanced_order, llama3_rank_work
 
 __all__ = ["MIXES", "sample_rows", "work_lower_bound", "run", "main"]
 
@@ -43,26 +45,6 @@ def sample_rows(num_rows: int, seq_len: int, median: float, sigma: float, seed: 
     return rows
 
 
-def _fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
-    """``f[c]``: least work of ``c`` tokens taken from these documents, ``c = 0..max_tokens``.
-
-    A rank's tokens from other documents are one contiguous piece per document, and a piece of
-    ``x`` tokens costs at least ``x (x + 1) / 2``; the cost is convex, so spreading ``c`` over as
-    many documents as possible (pieces of ``min(d, level)`` tokens) is the cheapest.
-    """
-    d = np.sort(other_lens)
-    level = np.arange(int(d.max()) + 1 if d.size else 1)
-    # Tokens and work with every piece cut at `level`, then each piece longer than it adds level + 1.
-    capped = np.minimum(d[None, :], level[:, None])
-    tokens = capped.sum(axis=1)
-    work = (capped * (capped + 1) / 2).sum(axis=1)
-    wider = (d[None, :] > level[:, None]).sum(axis=1)
-    c = np.arange(max_tokens + 1)
-    k = np.clip(np.searchsorted(tokens, c, side="right") - 1, 0, len(level) - 1)
-    # More tokens than all documents hold cannot happen in a real row: make them free (a bound).
-    return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
-
-
 def _window_fill_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
     """``g[c]``: least work of ``c`` tokens of a contiguous window taken from these documents.
 
@@ -91,7 +73,7 @@ def work_lower_bound(doc_lens: np.ndarray, cp_world_size: int) -> float:
     busiest rank among those it touches. For every run of consecutive ranks it touches, their mean
     work is at least its own part there plus the cheapest fill of the rest of those ranks with the
     other documents (:func:`_window_fill_bound`); a single rank's fill is also bounded by
-    spreading it over as many documents as possible (:func:`_fill_work_bound`).
+    spreading it over as many documents as possible (:func:`~cp_data.balancers.ordering.fill_work_bound`).
     """
     lens = np.asarray(doc_lens, dtype=np.int64)
     total = int(lens.sum())
@@ -111,7 +93,7 @@ def work_lower_bound(doc_lens: np.ndarray, cp_world_size: int) -> float:
     room = np.clip(tokens - (hi[:, last] - lo[:, first]), 0, None)
     window = (own + _window_fill_bound(others, int(room.max()))[room]) / (last - first + 1)
     single = first == last
-    spread = own[:, single] + _fill_work_bound(others, local)[np.clip(room[:, single], 0, local)]
+    spread = own[:, single] + fill_work_bound(others, local)[np.clip(room[:, single], 0, local)]
     window[:, single] = np.maximum(window[:, single], spread)
     busiest = np.where(hi[:, last] > lo[:, first], window, 0.0).max(axis=1).min()
     return max(float((lens * (lens + 1) / 2).sum() / cp_world_size), float(busiest))
@@ -121,42 +103,78 @@ def _imbalance(works: np.ndarray) -> float:
     return float(works.max() / works.mean())
 
 
-def run(num_rows: int = 200, seq_len: int = 8192, cp_world_size: int = 4, seed: int = 0) -> dict:
-    """Before/after imbalance per mix; ``{mix: {before, after, bound, ms_per_row, rows}}``."""
+def _case(rows: list[np.ndarray], cp_world_size: int, progress) -> dict:
+    """Imbalance before/after and the bound over ``rows``; ms of CPU time per row for the order."""
+    before, after, bound, seconds = [], [], [], 0.0
+    for lens in rows:
+        start = time.thread_time()
+        perm = llama3_balanced_order(lens, cp_world_size)
+        seconds += time.thread_time() - start
+        works = llama3_rank_work(lens, cp_world_size)
+        before.append(_imbalance(works))
+        after.append(_imbalance(llama3_rank_work(lens[perm], cp_world_size)))
+        bound.append(work_lower_bound(lens, cp_world_size) / works.mean())
+        progress.update()
+    gap = np.array(after) / np.array(bound)
+    return dict(
+        before=float(np.mean(before)),
+        after=float(np.mean(after)),
+        after_p90=float(np.quantile(after, 0.9)),
+        bound=float(np.mean(bound)),
+        bound_p90=float(np.quantile(bound, 0.9)),
+        gap_p90=float(np.quantile(gap, 0.9)),
+        gap_max=float(gap.max()),
+        docs_per_row=float(np.mean([len(r) for r in rows])),
+        ms_per_row=1e3 * seconds / len(rows),
+        rows=len(rows),
+    )
+
+
+def run(
+    num_rows: int = 200,
+    seq_len: int = 8192,
+    cp_world_size: int = 4,
+    num_batches: int = 16,
+    batch_size: int = 8,
+    batch_world_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Before/after imbalance per mix, on single rows and on flattened batches.
+
+    ``{case: {before, after, after_p90, bound, bound_p90, gap_p90, gap_max, ms_per_row, ...}}``
+    where a case is a mix on ``num_rows`` rows of ``seq_len`` at ``cp_world_size``, or on
+    ``num_batches`` batches of ``batch_size`` such rows flattened (what the collator orders) at
+    ``batch_world_size``. ``gap`` is a row's balanced max/mean over its bound; ``ms_per_row`` is
+    the CPU time of :func:`llama3_balanced_order` per row (per batch).
+    """
     out = {}
-    for name, (median, sigma) in MIXES.items():
-        rows = sample_rows(num_rows, seq_len, median, sigma, seed)
-        before, after, bound = [], [], []
-        start = time.perf_counter()
-        perms = [llama3_balanced_order(r, cp_world_size) for r in rows]
-        seconds = time.perf_counter() - start
-        for lens, perm in zip(rows, perms):
-            works = llama3_rank_work(lens, cp_world_size)
-            before.append(_imbalance(works))
-            after.append(_imbalance(llama3_rank_work(lens[perm], cp_world_size)))
-            bound.append(work_lower_bound(lens, cp_world_size) / works.mean())
-        out[name] = dict(
-            before=float(np.mean(before)),
-            after=float(np.mean(after)),
-            after_p90=float(np.quantile(after, 0.9)),
-            bound=float(np.mean(bound)),
-            docs_per_row=float(np.mean([len(r) for r in rows])),
-            ms_per_row=1e3 * seconds / num_rows,
-            rows=num_rows,
-        )
+    total = len(MIXES) * (num_rows + num_batches)
+    with tqdm(total=total, desc="ordering bench", disable=not progress) as bar:
+        for name, (median, sigma) in MIXES.items():
+            rows = sample_rows(num_rows, seq_len, median, sigma, seed)
+            out[f"W={cp_world_size}, rows: {name}"] = _case(rows, cp_world_size, bar)
+        for name, (median, sigma) in MIXES.items():
+            rows = sample_rows(num_batches * batch_size, seq_len, median, sigma, seed + 1)
+            batches = [np.concatenate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+            out[f"W={batch_world_size}, {batch_size}-row batches: {name}"] = _case(batches, batch_world_size, bar)
     return out
 
 
 def main(quick: bool = False) -> dict:
-    """Print the before/after table (``quick``: 40 rows per mix)."""
-    num_rows, seq_len, world = (40, 8192, 4) if quick else (200, 8192, 4)
-    result = run(num_rows=num_rows, seq_len=seq_len, cp_world_size=world)
-    print(f"llama3 document order, W={world}, S={seq_len}: max/mean causal work over {num_rows} rows")
-    print(f"{'mix':<48} {'docs':>5} {'original':>9} {'balanced':>9} {'p90':>6} {'bound':>6} {'ms/row':>7}")
+    """Print the before/after table (``quick``: 40 rows and 4 batches per mix)."""
+    result = run(num_rows=40, num_batches=4) if quick else run()
+    print("llama3 document order: max/mean causal work per row (p90 over rows; gap = balanced / bound)")
+    head = (
+        f"{'case':<72} {'docs':>5} {'original':>9} {'balanced':>9} {'p90':>6} {'bound':>6} "
+        f"{'p90':>6} {'gap p90':>7} {'ms/row':>7}"
+    )
+    print(head)
     for name, r in result.items():
         print(
-            f"{name:<48} {r['docs_per_row']:>5.1f} {r['before']:>9.3f} {r['after']:>9.3f} "
-            f"{r['after_p90']:>6.3f} {r['bound']:>6.3f} {r['ms_per_row']:>7.2f}"
+            f"{name:<72} {r['docs_per_row']:>5.1f} {r['before']:>9.3f} {r['after']:>9.3f} "
+            f"{r['after_p90']:>6.3f} {r['bound']:>6.3f} {r['bound_p90']:>6.3f} {r['gap_p90']:>7.3f} "
+            f"{r['ms_per_row']:>7.2f}"
         )
     return result
 
