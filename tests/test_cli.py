@@ -172,11 +172,11 @@ def test_errors_are_one_line(capsys, data_dir, args, message, code):
 
 def test_bench_json(capsys, monkeypatch):
     # The quick sizes still take seconds; the command's plumbing needs only a few rows.
-    monkeypatch.setitem(cli.QUICK_BENCH_KWARGS, "ordering", dict(num_rows=4))
+    monkeypatch.setitem(cli.QUICK_BENCH_KWARGS, "ordering", dict(num_rows=4, num_batches=1, batch_size=2, progress=False))
     result = json.loads(run(capsys, ["bench", "ordering", "--quick", "--json"])[0])["ordering"]
-    assert len(result) >= 3
-    for mix in result.values():
-        assert mix["rows"] == 4
+    assert len(result) >= 6  # every mix on rows and on flattened batches
+    for case, mix in result.items():
+        assert mix["rows"] == (1 if "batches" in case else 4), case
         assert mix["after"] < mix["before"]
         assert mix["bound"] <= mix["after"] + 1e-9
 
