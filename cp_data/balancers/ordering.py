@@ -26,7 +26,7 @@ import numpy as np
 
 from .validation import ShardingError, check_length_multiple, check_lengths, round_up
 
-__all__ = ["llama3_balanced_order", "llama3_rank_work", "reorder_documents"]
+__all__ = ["causal_pairs", "llama3_balanced_order", "llama3_rank_work", "reorder_documents"]
 
 _MAX_STEPS = 64  # moves per descent; descents on short rows end far earlier in practice
 _STEP_BUDGET = 500  # documents x moves per descent: bounds the cost on long flattened batches
@@ -40,8 +40,13 @@ _GOOD_ENOUGH = 1.01
 """Stop searching once the busiest rank is within 1% of the mean (the bound no order beats)."""
 
 
-def _tri(x: np.ndarray | float) -> np.ndarray:
-    """Causal work of the first ``x`` tokens of one document: ``x (x + 1) / 2`` pairs."""
+def causal_pairs(x: np.ndarray | float) -> np.ndarray:
+    """Query-key pairs that causal attention computes over the first ``x`` tokens of a document.
+
+    A query at offset ``p`` of its document attends to ``p + 1`` keys, so ``x`` tokens make
+    ``x (x + 1) / 2`` pairs (float64, elementwise): the work ``cp_data.inspect`` reports, and the
+    per-pair part of a step's cost.
+    """
     x = np.asarray(x, dtype=np.float64)
     return x * (x + 1.0) / 2.0
 
@@ -79,12 +84,12 @@ def _prefix_work(lens: np.ndarray):
     ends = np.cumsum(lens)
     total = int(ends[-1]) if lens.size else 0
     starts = np.append(ends - lens, total)
-    before = np.append(np.cumsum(_tri(lens)) - _tri(lens), _tri(lens).sum())
+    before = np.append(np.cumsum(causal_pairs(lens)) - causal_pairs(lens), causal_pairs(lens).sum())
 
     def prefix(x: np.ndarray) -> np.ndarray:
         x = np.minimum(x, total)
         doc = np.searchsorted(ends, x, side="right")
-        return before[doc] + _tri(x - starts[doc])
+        return before[doc] + causal_pairs(x - starts[doc])
 
     return prefix
 
@@ -136,7 +141,7 @@ def _move_scores(
     prefix = _prefix_work(lens)
     ends = np.cumsum(lens)
     starts = ends - lens
-    work = _tri(lens)
+    work = causal_pairs(lens)
     done = np.cumsum(work)  # F at each document's end; F at its start is done - work
     inner = bounds[1:-1][None, :]
     base = prefix(inner)
@@ -155,7 +160,7 @@ def _move_scores(
     tail = ej - di
     inside = (inner >= si) & (inner < ej)
     fwd = np.where(
-        inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + _tri(inner - tail)), base
+        inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + causal_pairs(inner - tail)), base
     )
     # Move i back to position j < i: i starts the block, documents j..i-1 shift right by d_i.
     b = ~f
@@ -163,15 +168,15 @@ def _move_scores(
     sj, ej, dj, wj, Fj = cols(jj[b])
     head = sj + di
     inside = (inner >= sj) & (inner < ei)
-    bwd = np.where(inside, np.where(inner < head, Fj - wj + _tri(inner - sj), prefix(inner - di) + wi), base)
+    bwd = np.where(inside, np.where(inner < head, Fj - wj + causal_pairs(inner - sj), prefix(inner - di) + wi), base)
     # Swap i < j: j takes i's place, the documents between shift by d_j - d_i.
     si, ei, di, wi, Fi = cols(ii[f])
     sj, ej, dj, wj, Fj = cols(jj[f])
     inside = (inner >= si) & (inner < ej)
     swapped = np.where(
         inner < si + dj,
-        Fi - wi + _tri(inner - si),
-        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, Fj - wi + _tri(inner - ej + di)),
+        Fi - wi + causal_pairs(inner - si),
+        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, Fj - wi + causal_pairs(inner - ej + di)),
     )
     swapped = np.where(inside, swapped, base)
 
@@ -233,7 +238,7 @@ def fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
     below = np.searchsorted(d, level, side="left")  # documents shorter than the level stay whole
     wider = d.size - below
     tokens = np.append(0, np.cumsum(d))[below] + level * wider
-    work = np.append(0.0, np.cumsum(_tri(d)))[below] + _tri(level) * wider
+    work = np.append(0.0, np.cumsum(causal_pairs(d)))[below] + causal_pairs(level) * wider
     c = np.arange(max_tokens + 1)
     k = np.clip(np.searchsorted(tokens, c, side="right") - 1, 0, level.size - 1)
     return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
@@ -249,7 +254,7 @@ def _busiest_rank_bound(lens: np.ndarray, bounds: np.ndarray) -> float:
     """
     local = int(bounds[1])
     total = int(lens.sum())
-    mean = float(_tri(lens).sum()) / (bounds.size - 1)
+    mean = float(causal_pairs(lens).sum()) / (bounds.size - 1)
     longest_at = int(np.argmax(lens))
     length = int(lens[longest_at])
     fill = fill_work_bound(np.delete(lens, longest_at), local)
@@ -259,7 +264,7 @@ def _busiest_rank_bound(lens: np.ndarray, bounds: np.ndarray) -> float:
     lo = np.clip(k * local - offset, 0, length)
     hi = np.clip((k + 1) * local - offset, 0, length)
     held = hi - lo
-    part = np.where(held > 0, _tri(hi) - _tri(lo) + fill[local - held], 0.0)
+    part = np.where(held > 0, causal_pairs(hi) - causal_pairs(lo) + fill[local - held], 0.0)
     span = (offset[:, 0] + length + local - 1) // local
     # Ending inside the full ranks; or in the partly filled last one, which has less room to fill.
     inside = np.where(span <= full_ranks, part.max(axis=1), np.inf)
@@ -268,7 +273,7 @@ def _busiest_rank_bound(lens: np.ndarray, bounds: np.ndarray) -> float:
     ends_last = (last_room > 0) & (full_ranks - last >= 0) & (last_held <= last_room)
     ends_last &= (full_ranks - last) * local + offset[:, 0] + length <= total
     head = np.where(k < last[:, None], part, 0.0).max(axis=1)
-    tail = _tri(hi[np.arange(local), last]) - _tri(lo[np.arange(local), last])
+    tail = causal_pairs(hi[np.arange(local), last]) - causal_pairs(lo[np.arange(local), last])
     tail = tail + fill[np.clip(last_room - last_held, 0, local)]
     at_end = np.where(ends_last, np.maximum(head, tail), np.inf)
     return max(mean, float(min(inside.min(), at_end.min())))
@@ -290,9 +295,9 @@ def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -
     room = np.clip(total - bounds[:-1], 0, local).astype(np.float64)
     tokens, work = np.zeros(world), np.zeros(world)
     by_len = np.argsort(-lens, kind="stable")
-    heavy_count = int(np.sum(_tri(lens) > threshold * _tri(lens).sum() / world))
+    heavy_count = int(np.sum(causal_pairs(lens) > threshold * causal_pairs(lens).sum() / world))
     light = by_len[heavy_count:]
-    per_token = _tri(lens[light]).sum() / max(int(lens[light].sum()), 1)
+    per_token = causal_pairs(lens[light]).sum() / max(int(lens[light].sum()), 1)
     starting = {}  # rank -> the heavy document that starts in it
     rank = 0
     touched = np.arange(-(-(local + int(lens[by_len[0]])) // local))
@@ -303,7 +308,7 @@ def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -
         def pieces(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lo = np.clip(touched * local - offset[:, None], 0, length)
             hi = np.clip((touched + 1) * local - offset[:, None], 0, length)
-            own = _tri(hi) - _tri(lo)
+            own = causal_pairs(hi) - causal_pairs(lo)
             held = hi - lo
             cost = np.where(held > 0, own + per_token * (room[np.minimum(rank + touched, world - 1)] - held), 0.0)
             fits = ((rank + touched < world) | (held == 0)).all(axis=1)
