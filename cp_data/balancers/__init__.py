@@ -2,7 +2,8 @@
 
 from .base import RingAttentionLoadBalancer
 from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
-from .ordering import causal_pairs, llama3_balanced_order, llama3_rank_work
+from .ordering import llama3_balanced_order, llama3_rank_work
+from .pairs import causal_pairs
 from .plan import PAD, ShardPlan, SlicePlan, unshard
 from .types import (
     METADATA_KEYS,

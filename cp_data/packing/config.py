@@ -9,7 +9,7 @@ import numpy as np
 
 from cp_data.balancers.validation import check_lengths, is_int, round_up
 
-from cp_data.balancers.ordering import causal_pairs
+from cp_data.balancers.pairs import causal_pairs
 
 from .bfd import best_fit_decreasing, best_fit_decreasing_capped
 from .plan import PackingPlan

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from cp_data.balancers.ordering import causal_pairs
+from cp_data.balancers.pairs import causal_pairs
 
 __all__ = ["PackingPlan", "assemble_row", "fill_rates"]
 
