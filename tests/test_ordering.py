@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_data import PAD, RingAttentionLoadBalancerType
-from cp_data.balancers.ordering import _busiest_rank_bound, _check, fill_work_bound, llama3_balanced_order, llama3_rank_work
+from cp_data.balancers.ordering import _check, llama3_balanced_order, llama3_rank_work
+from cp_data.balancers.pairs import busiest_rank_bound, fill_work_bound
 from cp_data.bench.ordering import MIXES, sample_rows, work_lower_bound
 from hypothesis_profiles import few_examples
 
@@ -188,7 +189,7 @@ def test_fill_work_bound_is_the_least_work_of_pieces(lens, max_tokens):
 )
 def test_busiest_rank_bound_holds_for_every_order(lens, world, multiple):
     best = min(llama3_rank_work(lens[list(p)], world, multiple).max() for p in itertools.permutations(range(lens.size)))
-    assert _busiest_rank_bound(*_check(lens, world, multiple)) <= best * (1 + 1e-12)
+    assert busiest_rank_bound(*_check(lens, world, multiple)) <= best * (1 + 1e-12)
 
 
 def test_p90_within_5_percent_of_the_bound_on_flattened_batches():

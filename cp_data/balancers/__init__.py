@@ -3,6 +3,7 @@
 from .base import RingAttentionLoadBalancer
 from .llama3 import RingAttentionLlama3LoadBalancer, llama3_cu_seqlens
 from .ordering import llama3_balanced_order, llama3_rank_work
+from .pairs import causal_pairs
 from .plan import PAD, ShardPlan, SlicePlan, unshard
 from .types import (
     METADATA_KEYS,
@@ -27,6 +28,7 @@ __all__ = [
     "ShardingError",
     "UlyssesContextParallelStyle",
     "UlyssesLoadBalancer",
+    "causal_pairs",
     "llama3_balanced_order",
     "llama3_cu_seqlens",
     "llama3_rank_work",

@@ -10,20 +10,22 @@ the work out.
 :func:`llama3_balanced_order` builds an order in two steps. First a construction
 (:func:`_heavy_first_order`): the documents too heavy to sit whole in one rank are laid across
 rank boundaries where they cost least, and the others are dealt, longest first, to the least
-loaded rank with room. Then, unless that is already within 1% of the mean (a bound no order
-beats), best-improvement local search: every candidate move — swap two documents, or move one
+loaded rank with room. Then, unless that is already within 1% of a bound no order beats (the
+mean, or the longest document's cheapest placement: :func:`~cp_data.balancers.pairs.
+busiest_rank_bound`), best-improvement local search with a bounded number of moves: every candidate move — swap two documents, or move one
 document to another place — is scored at once in closed form. The work of a rank is
 ``F(end) - F(start)`` where ``F(x)`` is the causal work of the first ``x`` tokens, and a move only
 changes ``F`` inside the block it rearranges, so scoring ``m`` moves costs ``O(m · W · log n)``
 numpy work, with no Python loop over moves. Short rows score every pair of documents; long ones
 only the moves between a key document (one cut by a slice boundary, or one of the longest) and a
-sample of partners, which keeps a flattened batch of 64k tokens at W = 8 to a few milliseconds.
+sample of partners, which keeps a flattened batch of 64k tokens at W = 8 near 15 ms of one core.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .pairs import busiest_rank_bound, causal_pairs
 from .validation import ShardingError, check_length_multiple, check_lengths, round_up
 
 __all__ = ["llama3_balanced_order", "llama3_rank_work", "reorder_documents"]
@@ -37,13 +39,7 @@ _KEY_LONGEST = 8  # the longest documents count as key documents
 _PARTNERS = 64  # on long rows, the documents a key document may swap or trade places with
 _HEAVY = (0.25, 0.5)  # a document is heavy above this share of the mean rank work (one seed each)
 _GOOD_ENOUGH = 1.01
-"""Stop searching once the busiest rank is within 1% of the mean (the bound no order beats)."""
-
-
-def _tri(x: np.ndarray | float) -> np.ndarray:
-    """Causal work of the first ``x`` tokens of one document: ``x (x + 1) / 2`` pairs."""
-    x = np.asarray(x, dtype=np.float64)
-    return x * (x + 1.0) / 2.0
+"""Stop searching once the busiest rank is within 1% of a bound that no order beats."""
 
 
 def _check(
@@ -79,12 +75,12 @@ def _prefix_work(lens: np.ndarray):
     ends = np.cumsum(lens)
     total = int(ends[-1]) if lens.size else 0
     starts = np.append(ends - lens, total)
-    before = np.append(np.cumsum(_tri(lens)) - _tri(lens), _tri(lens).sum())
+    before = np.append(np.cumsum(causal_pairs(lens)) - causal_pairs(lens), causal_pairs(lens).sum())
 
     def prefix(x: np.ndarray) -> np.ndarray:
         x = np.minimum(x, total)
         doc = np.searchsorted(ends, x, side="right")
-        return before[doc] + _tri(x - starts[doc])
+        return before[doc] + causal_pairs(x - starts[doc])
 
     return prefix
 
@@ -136,7 +132,7 @@ def _move_scores(
     prefix = _prefix_work(lens)
     ends = np.cumsum(lens)
     starts = ends - lens
-    work = _tri(lens)
+    work = causal_pairs(lens)
     done = np.cumsum(work)  # F at each document's end; F at its start is done - work
     inner = bounds[1:-1][None, :]
     base = prefix(inner)
@@ -155,7 +151,7 @@ def _move_scores(
     tail = ej - di
     inside = (inner >= si) & (inner < ej)
     fwd = np.where(
-        inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + _tri(inner - tail)), base
+        inside, np.where(inner < tail, prefix(inner + di) - wi, Fj - wi + causal_pairs(inner - tail)), base
     )
     # Move i back to position j < i: i starts the block, documents j..i-1 shift right by d_i.
     b = ~f
@@ -163,15 +159,15 @@ def _move_scores(
     sj, ej, dj, wj, Fj = cols(jj[b])
     head = sj + di
     inside = (inner >= sj) & (inner < ei)
-    bwd = np.where(inside, np.where(inner < head, Fj - wj + _tri(inner - sj), prefix(inner - di) + wi), base)
+    bwd = np.where(inside, np.where(inner < head, Fj - wj + causal_pairs(inner - sj), prefix(inner - di) + wi), base)
     # Swap i < j: j takes i's place, the documents between shift by d_j - d_i.
     si, ei, di, wi, Fi = cols(ii[f])
     sj, ej, dj, wj, Fj = cols(jj[f])
     inside = (inner >= si) & (inner < ej)
     swapped = np.where(
         inner < si + dj,
-        Fi - wi + _tri(inner - si),
-        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, Fj - wi + _tri(inner - ej + di)),
+        Fi - wi + causal_pairs(inner - si),
+        np.where(inner < ej - di, prefix(inner - (dj - di)) + wj - wi, Fj - wi + causal_pairs(inner - ej + di)),
     )
     swapped = np.where(inside, swapped, base)
 
@@ -220,60 +216,6 @@ def _local_search(
     return order, current
 
 
-def fill_work_bound(other_lens: np.ndarray, max_tokens: int) -> np.ndarray:
-    """``f[c]``: least work of ``c`` tokens taken from these documents, ``c = 0..max_tokens``.
-
-    A rank's tokens from other documents are one contiguous piece per document, and a piece of
-    ``x`` tokens costs at least ``x (x + 1) / 2``; the cost is convex, so spreading ``c`` over as
-    many documents as possible (pieces of ``min(d, level)`` tokens) is the cheapest. More tokens
-    than the documents hold cost nothing extra (the bound stays a bound).
-    """
-    d = np.sort(other_lens)
-    level = np.arange(int(d[-1]) + 1 if d.size else 1)
-    below = np.searchsorted(d, level, side="left")  # documents shorter than the level stay whole
-    wider = d.size - below
-    tokens = np.append(0, np.cumsum(d))[below] + level * wider
-    work = np.append(0.0, np.cumsum(_tri(d)))[below] + _tri(level) * wider
-    c = np.arange(max_tokens + 1)
-    k = np.clip(np.searchsorted(tokens, c, side="right") - 1, 0, level.size - 1)
-    return np.where(c <= tokens[-1], work[k] + (c - tokens[k]) * (level[k] + 1.0), work[-1])
-
-
-def _busiest_rank_bound(lens: np.ndarray, bounds: np.ndarray) -> float:
-    """A cheap bound on the busiest rank's work that no order beats.
-
-    The larger of the mean and, over every start of the longest document, the least possible
-    busiest rank among those it touches: its own part there plus the cheapest fill of the rest
-    of each rank by the other documents (:func:`fill_work_bound`). Starts are scanned by their
-    offset inside the first rank touched: only the last, partly filled rank differs from the rest.
-    """
-    local = int(bounds[1])
-    total = int(lens.sum())
-    mean = float(_tri(lens).sum()) / (bounds.size - 1)
-    longest_at = int(np.argmax(lens))
-    length = int(lens[longest_at])
-    fill = fill_work_bound(np.delete(lens, longest_at), local)
-    full_ranks, last_room = divmod(total, local)
-    offset = np.arange(local)[:, None]
-    k = np.arange(-(-(local - 1 + length) // local))[None, :]
-    lo = np.clip(k * local - offset, 0, length)
-    hi = np.clip((k + 1) * local - offset, 0, length)
-    held = hi - lo
-    part = np.where(held > 0, _tri(hi) - _tri(lo) + fill[local - held], 0.0)
-    span = (offset[:, 0] + length + local - 1) // local
-    # Ending inside the full ranks; or in the partly filled last one, which has less room to fill.
-    inside = np.where(span <= full_ranks, part.max(axis=1), np.inf)
-    last = span - 1
-    last_held = held[np.arange(local), last]
-    ends_last = (last_room > 0) & (full_ranks - last >= 0) & (last_held <= last_room)
-    ends_last &= (full_ranks - last) * local + offset[:, 0] + length <= total
-    head = np.where(k < last[:, None], part, 0.0).max(axis=1)
-    tail = _tri(hi[np.arange(local), last]) - _tri(lo[np.arange(local), last])
-    tail = tail + fill[np.clip(last_room - last_held, 0, local)]
-    at_end = np.where(ends_last, np.maximum(head, tail), np.inf)
-    return max(mean, float(min(inside.min(), at_end.min())))
-
-
 def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -> np.ndarray:
     """An order built around the documents too heavy to sit whole in one rank.
 
@@ -290,9 +232,9 @@ def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -
     room = np.clip(total - bounds[:-1], 0, local).astype(np.float64)
     tokens, work = np.zeros(world), np.zeros(world)
     by_len = np.argsort(-lens, kind="stable")
-    heavy_count = int(np.sum(_tri(lens) > threshold * _tri(lens).sum() / world))
+    heavy_count = int(np.sum(causal_pairs(lens) > threshold * causal_pairs(lens).sum() / world))
     light = by_len[heavy_count:]
-    per_token = _tri(lens[light]).sum() / max(int(lens[light].sum()), 1)
+    per_token = causal_pairs(lens[light]).sum() / max(int(lens[light].sum()), 1)
     starting = {}  # rank -> the heavy document that starts in it
     rank = 0
     touched = np.arange(-(-(local + int(lens[by_len[0]])) // local))
@@ -303,7 +245,7 @@ def _heavy_first_order(lens: np.ndarray, bounds: np.ndarray, threshold: float) -
         def pieces(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lo = np.clip(touched * local - offset[:, None], 0, length)
             hi = np.clip((touched + 1) * local - offset[:, None], 0, length)
-            own = _tri(hi) - _tri(lo)
+            own = causal_pairs(hi) - causal_pairs(lo)
             held = hi - lo
             cost = np.where(held > 0, own + per_token * (room[np.minimum(rank + touched, world - 1)] - held), 0.0)
             fits = ((rank + touched < world) | (held == 0)).all(axis=1)
@@ -369,7 +311,7 @@ def llama3_balanced_order(
     # Zero-length documents change nothing; search over the others and put them back at the end.
     real_lens = lens[real]
     # Stop as soon as the busiest rank is within 1% of a bound that no order beats.
-    good_enough = _GOOD_ENOUGH * _busiest_rank_bound(real_lens, bounds)
+    good_enough = _GOOD_ENOUGH * busiest_rank_bound(real_lens, bounds)
     seeds = [_heavy_first_order(real_lens, bounds, t) for t in _HEAVY]
     # The original order is a seed too, and descents only improve: never worse than it.
     seeds += [seed[::-1] for seed in seeds] + [np.arange(real.size)]

@@ -14,7 +14,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from cp_data.balancers.ordering import fill_work_bound, llama3_balanced_order, llama3_rank_work
+from cp_data.balancers.ordering import llama3_balanced_order, llama3_rank_work
+from cp_data.balancers.pairs import fill_work_bound
 
 __all__ = ["MIXES", "sample_rows", "work_lower_bound", "run", "main"]
 
@@ -73,7 +74,7 @@ def work_lower_bound(doc_lens: np.ndarray, cp_world_size: int) -> float:
     busiest rank among those it touches. For every run of consecutive ranks it touches, their mean
     work is at least its own part there plus the cheapest fill of the rest of those ranks with the
     other documents (:func:`_window_fill_bound`); a single rank's fill is also bounded by
-    spreading it over as many documents as possible (:func:`~cp_data.balancers.ordering.fill_work_bound`).
+    spreading it over as many documents as possible (:func:`~cp_data.balancers.pairs.fill_work_bound`).
     """
     lens = np.asarray(doc_lens, dtype=np.int64)
     total = int(lens.sum())

@@ -1,7 +1,7 @@
 """Document packing as pure planning over document lengths (numpy, no tensors)."""
 
-from .bfd import best_fit_decreasing
-from .config import Packer, PackingConfig, plan_packing
+from .bfd import best_fit_decreasing, best_fit_decreasing_capped
+from .config import Packer, PackingConfig, plan_packing, work_bucket_order
 from .plan import PackingPlan, assemble_row
 
 __all__ = [
@@ -10,5 +10,7 @@ __all__ = [
     "Packer",
     "assemble_row",
     "best_fit_decreasing",
+    "best_fit_decreasing_capped",
     "plan_packing",
+    "work_bucket_order",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 
 from cp_data.balancers.validation import check_lengths, is_int
 
-__all__ = ["best_fit_decreasing"]
+__all__ = ["best_fit_decreasing", "best_fit_decreasing_capped"]
 
 
 def _check_sizes(sizes, capacity: int) -> np.ndarray:
@@ -117,4 +117,71 @@ def best_fit_decreasing(sizes, capacity: int) -> np.ndarray:
 
     bins = np.empty(n, dtype=np.int64)
     bins[order] = bin_of_sorted
+    return bins
+
+
+def best_fit_decreasing_capped(sizes, capacity: int, costs, max_cost) -> np.ndarray:
+    """Best-fit-decreasing with a second, additive limit: a bin's item costs sum to ``max_cost``.
+
+    Items are taken in decreasing size (stable); each goes to the open bin with the least
+    remaining room that still fits it and whose remaining cost budget covers its cost (on equal
+    room, the one with the most budget left, then the lowest bin id), or to a new bin. An empty
+    bin takes any item, so an item costlier than ``max_cost`` sits alone. Returns the bin of every
+    item, in input order; bins are numbered in the order they open. With ``max_cost=inf`` every
+    budget ties and the result is :func:`best_fit_decreasing`'s.
+
+    One Python step per item (``O(n log capacity)``: a max-tree over the rooms finds the best
+    fit with budget), so slower than :func:`best_fit_decreasing`.
+    """
+    sizes = _check_sizes(sizes, capacity)
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.shape != sizes.shape or (costs.size and costs.min() < 0):
+        raise ValueError(f"costs must be >= 0, one per item ({sizes.size}), got shape {costs.shape}")
+    if not max_cost > 0:
+        raise ValueError(f"max_cost must be > 0, got {max_cost!r}")
+    order = np.argsort(-sizes, kind="stable")
+    leaves = 1 << (capacity + 1).bit_length()
+    tree = [-1.0] * (2 * leaves)  # leaf `room`: the most budget among bins with that room; -1: none
+    by_room: dict[int, list[tuple[float, int]]] = {}  # room -> (budget, -bin), ascending
+
+    def set_budget(room: int, budget: float) -> None:
+        i = room + leaves
+        tree[i] = budget
+        i >>= 1
+        while i:
+            best = max(tree[2 * i], tree[2 * i + 1])
+            if tree[i] == best:
+                break
+            tree[i] = best
+            i >>= 1
+
+    bins = np.empty(sizes.size, dtype=np.int64)
+    num_bins = 0
+    for item, size, cost in zip(order.tolist(), sizes[order].tolist(), costs[order].tolist()):
+        # The leftmost room >= size whose best budget covers the cost: climb right, then descend.
+        i = size + leaves
+        while tree[i] < cost:
+            while i & 1:
+                i >>= 1
+            if not i:
+                break
+            i += 1
+        if i:
+            while i < leaves:
+                i = 2 * i if tree[2 * i] >= cost else 2 * i + 1
+            room = i - leaves
+            members = by_room[room]
+            budget, b = members.pop()
+            b = -b
+            set_budget(room, members[-1][0] if members else -1.0)
+        else:
+            budget, b, room = float(max_cost), num_bins, capacity
+            num_bins += 1
+        bins[item] = b
+        room, budget = room - size, budget - cost
+        if room:  # a full bin never takes anything again
+            members = by_room.setdefault(room, [])
+            bisect.insort(members, (budget, -b))
+            if members[-1][1] == -b:
+                set_budget(room, budget)
     return bins

@@ -9,10 +9,12 @@ import numpy as np
 
 from cp_data.balancers.validation import check_lengths, is_int, round_up
 
-from .bfd import best_fit_decreasing
+from cp_data.balancers.pairs import causal_pairs
+
+from .bfd import best_fit_decreasing, best_fit_decreasing_capped
 from .plan import PackingPlan
 
-__all__ = ["PackingConfig", "Packer", "plan_packing"]
+__all__ = ["PackingConfig", "Packer", "plan_packing", "work_bucket_order"]
 
 ALGORITHMS = ("bfd", "concat")
 LONG_DOCS = ("split", "truncate")
@@ -35,6 +37,22 @@ class PackingConfig:
       that document (``doc_lens`` includes them, ``label_mask`` is False on them), so
       by-document sharding adds no padding and every rank holds exactly ``seq_len / W`` tokens.
       ``seq_len`` must be divisible by it; the trailing row padding is then a multiple as well.
+
+    Work-aware options (rows hold equal tokens, but causal attention work grows with the square
+    of document length; a row's work here is its documents' query-key pairs, ``d (d + 1) / 2``
+    for a document of ``d`` tokens, its ``cp_multiple`` padding included — see
+    :func:`cp_data.causal_pairs` — which a per-token cost plus a per-pair cost turns into time):
+
+    - ``max_pairs`` (``"bfd"`` only): a row's documents never exceed this many pairs, alongside
+      the token cap (best fit among the rows with room and budget left), except a document
+      that alone exceeds it, which sits alone. Caps only rows that hold several long documents;
+      costs some fill.
+    - ``work_buckets``: rows per global batch (``dp × batch_size``). The rows are put in an
+      order where every window of that many consecutive rows holds rows of similar work (rows
+      sorted by work, cut into windows), windows and the rows inside them shuffled with
+      ``bucket_seed``. A plain split of consecutive global batches over data-parallel ranks (the
+      loader with ``shuffle=False``) then gives every rank of a step similar work; with
+      ``shuffle=True`` the order is lost.
     """
 
     seq_len: int
@@ -42,6 +60,9 @@ class PackingConfig:
     long_docs: Literal["split", "truncate"] = "split"
     cp_multiple: Optional[int] = None
     pad_token_id: int = 0
+    max_pairs: Optional[int] = None
+    work_buckets: Optional[int] = None
+    bucket_seed: int = 0
 
     def __post_init__(self) -> None:
         if not is_int(self.seq_len) or self.seq_len < 1:
@@ -59,6 +80,14 @@ class PackingConfig:
                 )
         if not is_int(self.pad_token_id):
             raise ValueError(f"pad_token_id must be an integer, got {self.pad_token_id!r}")
+        for name in ("max_pairs", "work_buckets"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_pairs is not None and self.algorithm != "bfd":
+            raise ValueError(f"max_pairs needs algorithm='bfd', got algorithm={self.algorithm!r}")
+        if not is_int(self.bucket_seed):
+            raise ValueError(f"bucket_seed must be an integer, got {self.bucket_seed!r}")
 
     def build(self) -> "Packer":
         """The planner for this configuration."""
@@ -117,7 +146,10 @@ def plan_packing(lengths, config: PackingConfig) -> PackingPlan:
     else:
         # long documents become S-sized pieces (alone in a row) plus a remainder for BFD
         (pdoc, start, length, pad, _), npieces = _cut(doc, real, budget, np.zeros_like(doc), S)
-        bins = best_fit_decreasing(length + pad, S)
+        if config.max_pairs is None:
+            bins = best_fit_decreasing(length + pad, S)
+        else:
+            bins = best_fit_decreasing_capped(length + pad, S, causal_pairs(length + pad), config.max_pairs)
         order = np.argsort(bins, kind="stable")  # rows in opening order, documents in input order
         pdoc, start, length, pad, row = pdoc[order], start[order], length[order], pad[order], bins[order]
 
@@ -125,7 +157,7 @@ def plan_packing(lengths, config: PackingConfig) -> PackingPlan:
     row_offsets = np.zeros(num_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(row, minlength=num_rows), out=row_offsets[1:])
     truncate = config.long_docs == "truncate"
-    return PackingPlan(
+    plan = PackingPlan(
         seq_len=S,
         row_offsets=row_offsets,
         doc=pdoc,
@@ -138,3 +170,21 @@ def plan_packing(lengths, config: PackingConfig) -> PackingPlan:
         truncated_docs=int(truncated.sum()) if truncate else 0,
         truncated_tokens=int((L[doc] - real).sum()),
     )
+    if config.work_buckets is not None:
+        plan = plan.reorder_rows(work_bucket_order(plan.row_pairs(), config.work_buckets, config.bucket_seed))
+    return plan
+
+
+def work_bucket_order(row_work: np.ndarray, window: int, seed: int = 0) -> np.ndarray:
+    """A row order whose every ``window`` consecutive rows have similar work (see ``work_buckets``).
+
+    Rows sorted by work are cut into windows of ``window`` rows; the full windows, and the rows
+    inside each, are shuffled with ``seed``. The heaviest ``len % window`` rows, too few for a
+    window, come last, so that every window starts at a multiple of ``window``. Returns the
+    permutation.
+    """
+    rng = np.random.default_rng(seed)
+    by_work = np.argsort(row_work, kind="stable")
+    full = by_work.size // window * window
+    windows = by_work[:full].reshape(-1, window)[rng.permutation(full // window)]
+    return np.concatenate([rng.permuted(windows, axis=1).ravel(), by_work[full:]])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import numpy as np
+
+from cp_data.balancers.pairs import causal_pairs
 
 __all__ = ["PackingPlan", "assemble_row", "fill_rates"]
 
@@ -66,6 +68,31 @@ class PackingPlan:
         lens = np.insert(self.length + self.pad, ends[free > 0], free[free > 0])
         offsets = np.concatenate([[0], ends + np.cumsum(free > 0)])
         return lens.astype(np.int64), offsets.astype(np.int64)
+
+    def row_pairs(self) -> np.ndarray:
+        """Causal query-key pairs of the documents of every row (float64 [rows]).
+
+        A piece of ``length + pad`` tokens is one document to the attention kernel; the row's
+        trailing padding is not counted.
+        """
+        if not self.doc.size:
+            return np.zeros(self.num_rows)
+        return np.add.reduceat(causal_pairs(self.length + self.pad), self.row_offsets[:-1])
+
+    def reorder_rows(self, order: np.ndarray) -> "PackingPlan":
+        """The same rows in the order ``order`` (a permutation of the row indices)."""
+        order = np.asarray(order, dtype=np.int64)
+        if order.shape != (self.num_rows,) or not np.array_equal(np.sort(order), np.arange(self.num_rows)):
+            raise ValueError(f"order must be a permutation of {self.num_rows} rows, got {order[:8].tolist()}")
+        counts = np.diff(self.row_offsets)[order]
+        pieces = np.repeat(self.row_offsets[:-1][order] - np.cumsum(counts) + counts, counts)
+        pieces += np.arange(pieces.size)
+        offsets = np.zeros(self.num_rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return replace(
+            self, row_offsets=offsets, doc=self.doc[pieces], start=self.start[pieces],
+            length=self.length[pieces], pad=self.pad[pieces],
+        )
 
     def metrics(self) -> dict:
         """Rows, fill rate, padding fraction and the per-document outcome counts."""
