@@ -12,8 +12,9 @@ Pick one with ``HYPOTHESIS_PROFILE`` (default ``ci``):
 
 Tests never set ``max_examples`` themselves (that would pin them to one size under every
 profile). A test whose examples are costly takes ``@few_examples`` (a quarter of the active
-profile's count), ``@process_examples`` when each example starts processes (a twelfth); one whose examples are cheap enough to afford more takes ``@many_examples``
-(three times as many). ``tests/conftest.py`` imports this module, so the profile is loaded before
+profile's count), ``@process_examples`` when each example starts processes (a twelfth); one
+whose examples are cheap enough to afford more takes ``@many_examples`` (twice as many).
+``tests/conftest.py`` imports this module, so the profile is loaded before
 any test; a test module that uses the tiers imports them from here, which also works in the
 processes that the distributed tests spawn.
 """
@@ -43,5 +44,5 @@ few_examples = settings(max_examples=max(2, settings.default.max_examples // 4))
 """For tests whose every example is costly (many torch ops, a dataset built, an exhaustive search)."""
 process_examples = settings(max_examples=max(2, settings.default.max_examples // 12))
 """For tests whose every example starts processes (DataLoader workers, gloo groups)."""
-many_examples = settings(max_examples=3 * settings.default.max_examples)
+many_examples = settings(max_examples=2 * settings.default.max_examples)
 """For cheap vectorised properties that can afford a wider search."""

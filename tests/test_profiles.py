@@ -21,7 +21,7 @@ def test_ci_profile_is_derandomised_without_a_database():
 def test_tiers_scale_with_the_active_profile():
     active = settings.default
     assert few_examples.max_examples == max(2, active.max_examples // 4)
-    assert many_examples.max_examples == 3 * active.max_examples
+    assert many_examples.max_examples == 2 * active.max_examples
     assert process_examples.max_examples == max(2, active.max_examples // 12)
     for tier in (few_examples, many_examples, process_examples):
         assert (tier.derandomize, tier.database) == (active.derandomize, active.database)

@@ -19,6 +19,9 @@ from cp_data.packing import PackingConfig
 from cp_data.sources import write_megatron, write_numpy
 from hypothesis_profiles import few_examples
 
+# these tests drive torchdata's StatefulDataLoader directly, outside cp-data's loader that silences this
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):

@@ -28,6 +28,9 @@ from cp_data.loader import ContextParallelLoaderConfig
 from cp_data.packing import PackingConfig
 from hypothesis_profiles import few_examples
 
+# these tests drive torchdata's StatefulDataLoader directly, outside cp-data's loader that silences this
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+
 
 @contextlib.contextmanager
 def as_worker(worker, workers):
