@@ -19,11 +19,10 @@ if any differs by more than the tolerance.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from cp_data.attention.launch import run_gloo
 from cp_data.collate import IGNORE_INDEX
 from cp_data.integrations.hf import model_inputs, register_cp_attention
 from cp_data.integrations.training import cp_loss, sum_gradients
-from train_tiny_cp import batches, synthetic_dataset
+from train_tiny_cp import batches, launch, synthetic_dataset
 
 KINDS = ("zig_zag", "llama3", "ulysses")
 
@@ -178,27 +177,7 @@ def run(world_size: int = 4, **overrides: Any) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run under torchrun, or spawn gloo processes; print the table; 0 when CP matched CP=1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--spawn", type=int, default=0, help="spawn this many gloo processes instead of torchrun"
-    )
-    for name, value in asdict(HFConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    spawn = args.pop("spawn") or (0 if "RANK" in os.environ else 4)  # not under torchrun: spawn 4
-    cfg = HFConfig(**args)
-    if spawn:
-        world, results = spawn, run(spawn, **args)
-    else:
-        dist.init_process_group("gloo")
-        world = dist.get_world_size()
-        results = run_rank(dist.get_rank(), world, cfg)
-        dist.destroy_process_group()
-        if results is None:
-            return 0
-    table, ok = report(results, cfg, world)
-    print(table, flush=True)
-    return 0 if ok else 1
+    return launch(argv, __doc__.splitlines()[0], HFConfig, run_rank, run, report)
 
 
 if __name__ == "__main__":

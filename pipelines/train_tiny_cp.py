@@ -233,29 +233,36 @@ def run(world_size: int = 4, dataset=None, **overrides: Any) -> dict:
     return run_gloo(run_rank, world_size, cfg, dataset, timeout=300)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run under torchrun, or spawn gloo processes; print the table; 0 when CP matched CP=1."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def launch(argv: list[str] | None, description: str, config_type: type, rank_fn, spawn_fn, report_fn) -> int:
+    """The training pipelines' command line: flags from ``config_type``'s fields; run under
+    torchrun (``rank_fn`` on this rank) or spawn gloo processes (``spawn_fn``); print
+    ``report_fn``'s table; 0 when CP matched CP=1."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--spawn", type=int, default=0, help="spawn this many gloo processes instead of torchrun"
     )
-    for name, value in asdict(TinyConfig()).items():
+    for name, value in asdict(config_type()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     spawn = args.pop("spawn") or (0 if "RANK" in os.environ else 4)  # not under torchrun: spawn 4
-    cfg = TinyConfig(**args)
+    cfg = config_type(**args)
     if spawn:
-        world, results = spawn, run(spawn, **args)
+        world, results = spawn, spawn_fn(spawn, **args)
     else:
         dist.init_process_group("gloo")
         world = dist.get_world_size()
-        results = run_rank(dist.get_rank(), world, cfg)
+        results = rank_fn(dist.get_rank(), world, cfg)
         dist.destroy_process_group()
         if results is None:
             return 0
-    table, ok = report(results, cfg, world)
+    table, ok = report_fn(results, cfg, world)
     print(table, flush=True)
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run under torchrun, or spawn gloo processes; print the table; 0 when CP matched CP=1."""
+    return launch(argv, __doc__.splitlines()[0], TinyConfig, run_rank, run, report)
 
 
 if __name__ == "__main__":
