@@ -36,7 +36,7 @@ COPIED = ("cp_data", "tests", "pipelines", "pyproject.toml")
 
 BALANCER_TESTS = ("tests/test_balancers.py", "tests/test_balancer_properties.py", "tests/test_survivors.py")
 ATTENTION_TESTS = ("tests/test_attention.py", "tests/test_attention_dist.py")
-STREAM_TESTS = ("tests/test_datasets.py", "tests/test_stream_boundaries.py")
+STREAM_TESTS = ("tests/test_datasets.py", "tests/test_streaming.py", "tests/test_stream_boundaries.py")
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,24 @@ MUTANTS = [
     Mutant(
         "zig_zag keeps chunks 2W-1-r and r (swapped)",
         "cp_data/balancers/zig_zag.py",
-        "np.multiply(chunk, cp_rank, out=seg_start[:, 0])\n"
-        "    np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 1])",
-        "np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 0])\n"
-        "    np.multiply(chunk, cp_rank, out=seg_start[:, 1])",
+        "np.add(base, cp_rank * chunk, out=offset[:, 0])\n"
+        "    np.add(base, (2 * cp_world_size - 2 - cp_rank) * chunk, out=offset[:, 1])",
+        "np.add(base, (2 * cp_world_size - 1 - cp_rank) * chunk, out=offset[:, 0])\n"
+        "    np.add(base, (cp_rank - 1) * chunk, out=offset[:, 1])",
         BALANCER_TESTS,
     ),
     Mutant(
         "zig_zag mirror chunk off by one (2W-2-r)",
         "cp_data/balancers/zig_zag.py",
-        "np.multiply(chunk, num_chunks - 1 - cp_rank, out=seg_start[:, 1])",
-        "np.multiply(chunk, num_chunks - 2 - cp_rank, out=seg_start[:, 1])",
+        "np.add(base, (2 * cp_world_size - 2 - cp_rank) * chunk, out=offset[:, 1])",
+        "np.add(base, (2 * cp_world_size - 3 - cp_rank) * chunk, out=offset[:, 1])",
         BALANCER_TESTS,
     ),
     Mutant(
         "zig_zag local cu_doc_lens at front-chunk ends",
         "cp_data/balancers/zig_zag.py",
-        "local_cu[1:] = seg_end[1::2]",
-        "local_cu[1:] = seg_end[0::2]",
+        "np.cumsum(held, out=local_cu[1:])",
+        "np.cumsum(chunk, out=local_cu[1:])",
         BALANCER_TESTS,
     ),
     Mutant(
@@ -175,27 +175,27 @@ MUTANTS = [
     Mutant(
         "streaming resume replays the saved row",
         "cp_data/datasets/streaming.py",
-        'self._snapshot["emitted"] = k + 1',
-        'self._snapshot["emitted"] = k',
+        'buf["emitted"] = k + 1',
+        'buf["emitted"] = k',
         STREAM_TESTS,
     ),
     Mutant(
         "sampler does not reshuffle between epochs",
-        "cp_data/loader.py",
+        "cp_data/loader/sampler.py",
         "np.random.default_rng([self.seed, epoch])",
         "np.random.default_rng(self.seed)",
-        ("tests/test_loader.py",),
+        ("tests/test_loader.py", "tests/test_sampler.py"),
     ),
     Mutant(
         "cp coordinate from the global rank (assumes a dp-major mesh)",
-        "cp_data/loader.py",
+        "cp_data/loader/mesh.py",
         'mesh.get_local_rank("cp"), mesh.size(cp)',
         "mesh.get_rank() % mesh.size(cp), mesh.size(cp)",
         ("tests/test_loader.py", "tests/test_dp_cp.py"),
     ),
     Mutant(
         "verify_dp_cp_batch flags overlap only when samples and digests collide",
-        "cp_data/loader.py",
+        "cp_data/loader/verify.py",
         "set(other) & set(indices) or other_digest == digest",
         "set(other) & set(indices) and other_digest == digest",
         ("tests/test_loader.py", "tests/test_dp_cp.py"),
@@ -217,8 +217,8 @@ MUTANTS = [
     Mutant(
         "ulysses all-to-all backward uses the forward dims",
         "cp_data/attention/comm.py",
-        "return _all_to_all(grad, gather_dim, scatter_dim, ctx.group)",
-        "return _all_to_all(grad, scatter_dim, gather_dim, ctx.group)",
+        "return all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None",
+        "return all_to_all(grad, scatter_dim, gather_dim, ctx.group), None, None, None",
         ATTENTION_TESTS,
     ),
 ]
