@@ -57,7 +57,9 @@ class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
 
     Rank r holds the contiguous slice ``[r * L, (r + 1) * L)`` of the sequence, padded at its end
     (the padding is one extra document) to a multiple of ``W * (length_multiple or 1)``.
-    Only :meth:`batch_shard_by_document` is supported.
+    Only :meth:`batch_shard_by_document` is supported. A rank whose slice holds no padding gets
+    views of the inputs (where the slice is contiguous in memory), so its shards share memory
+    with them; the inputs are never modified.
     """
 
     def plan(

@@ -15,6 +15,8 @@ class UlyssesLoadBalancer(RingAttentionLoadBalancer):
 
     Rank r keeps the r-th of W contiguous chunks. The all-to-all rebuilds full sequences before
     attention, so the global ``cu_doc_lens`` is passed through (plus the padding document).
+    A rank whose chunk holds no padding gets views of the inputs (where the chunk is contiguous
+    in memory), so its shards share memory with them; the inputs are never modified.
     """
 
     def plan(
