@@ -9,8 +9,7 @@ import json
 import pytest
 
 from cp_data.cli import main
-
-ELF = bytes(range(0x7F, 0x100)) * 4  # not UTF-8, not JSON
+from test_text_files import ELF  # the same unreadable bytes the API tests use
 BLANK = "the file is empty or holds only blank lines"
 NULLS = "all 3 'text' values are empty or null"
 
